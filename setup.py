@@ -1,0 +1,40 @@
+"""Install the toolkit. torch is left to the user (CPU or CUDA build); without one, torch==2.13.0 is pulled."""
+import importlib.util
+
+from setuptools import find_packages, setup
+
+install_requires = [
+    "diffusers>=0.30",
+    "transformers>=4.44",
+    "accelerate>=0.33",
+    "safetensors>=0.4",
+    "toml>=0.10",
+    "bitsandbytes>=0.43",
+    "opencv-python-headless>=4.8",
+    "einops>=0.7",
+    "pillow-heif>=0.16",
+    "tqdm>=4.60",
+    "tensorboard>=2.14",
+    "numpy>=1.24",
+    "pillow>=10",
+]
+# Respect an existing torch build (the user's CUDA or CPU choice); only a machine without torch gets the pinned one.
+if importlib.util.find_spec("torch") is None:
+    install_requires.insert(0, "torch==2.13.0")
+
+setup(
+    name="difftune",
+    version="0.1.0",
+    description="Script-per-task diffusion fine-tuning toolkit (SDXL LoRA, ControlNet-LLLite, FLUX LoRA)",
+    packages=find_packages(include=["library", "library.*", "networks", "networks.*", "tools", "tools.*"]),
+    package_data={"library.models": ["tokenizers/clip/*"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=install_requires,
+    extras_require={
+        "test": ["pytest>=7", "peft>=0.10", "sentencepiece>=0.1.99", "protobuf"],
+        "xformers": ["xformers"],
+        "wandb": ["wandb"],
+        "prodigy": ["prodigyopt"],
+    },
+)
