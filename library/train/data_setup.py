@@ -1,0 +1,59 @@
+"""From the run config to datasets and caches: config -> records -> datasets -> caches, one way."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from library.config.train_config import RunConfig
+from library.train.family import ModelFamily
+
+
+def build_datasets(cfg: RunConfig) -> list[Any]:
+    from library.config.dataset_schema import load_dataset_config
+    from library.data.dataset import TrainDataset
+    from library.data.sources import collect_records
+
+    group = load_dataset_config(cfg.training.dataset_config)
+    datasets = [TrainDataset(d, collect_records(d, group.source), cfg.training.seed) for d in group.datasets]
+    for ds in datasets:
+        print(ds.format_bucket_histogram())
+    return datasets
+
+
+def setup_caches(cfg: RunConfig, family: ModelFamily, models: dict[str, Any], datasets: list[Any], accelerator: Any,
+                 trains_text_encoder: bool) -> Any:
+    """Fill the latent and text-encoder caches the flags ask for; return the text cache (or None)."""
+    from library.cache.latents import LatentCache
+    from library.cache.text_outputs import TextOutputCache, check_compatible
+
+    c = cfg.cache
+    if c.cache_latents or c.cache_latents_to_disk:
+        vae_id = family.model_identity(models, "vae")
+        for ds in datasets:
+            cache = LatentCache(vae_id, "disk" if c.cache_latents_to_disk else "memory")
+
+            @torch.no_grad()
+            def encode(images: torch.Tensor) -> torch.Tensor:
+                return family.encode_images(models, images.to(accelerator.device)).float().cpu()
+
+            cache.ensure(ds, encode, c.vae_batch_size, progress=accelerator.is_local_main_process)
+            ds.attach_latent_cache(cache)
+        models["vae"].to("cpu")  # not needed on the device any more
+    if not (c.cache_text_encoder_outputs or c.cache_text_encoder_outputs_to_disk):
+        return None
+    for ds in datasets:
+        check_compatible(s for s in ds.config.subsets)
+    text_dir = c.text_encoder_cache_dir or os.path.join(cfg.save.output_dir, "te_cache")
+    cache = TextOutputCache(family.model_identity(models, "text"),
+                            "disk" if c.cache_text_encoder_outputs_to_disk else "memory", cache_dir=text_dir)
+    captions = list(dict.fromkeys(cap for ds in datasets for cap in ds.fixed_captions()))
+
+    @torch.no_grad()
+    def encode_text(batch: list[str]) -> dict[str, torch.Tensor]:
+        with accelerator.autocast():
+            return {k: v.float().cpu() for k, v in family.encode_text(models, batch).items()}
+
+    cache.ensure(captions, encode_text, batch_size=max(1, c.vae_batch_size), progress=accelerator.is_local_main_process)
+    return cache

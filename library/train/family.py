@@ -1,0 +1,119 @@
+"""The per-family interface of the one training loop, and the registry families are found in.
+
+A family supplies seven hooks: load models, encode text, encode images, draw noise and timesteps, predict, the loss
+target (and weights), and sample images. Everything else (data, caches, networks, optimisation, saving, resume,
+logging) is the loop's and is shared by SDXL LoRA, ControlNet-LLLite and FLUX.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from library.errors import UserError
+
+
+@dataclass
+class NoisyInput:
+    noisy: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    extras: dict[str, Any]
+
+
+class ModelFamily(ABC):
+    """One model family (SDXL, FLUX, ...). Instances hold no training state; models are passed in."""
+
+    name: str = ""
+    #: keys of the family's models dict that networks may attach to, e.g. {"unet": ..., "text_encoders": [...]}
+    denoiser_key: str = "unet"
+
+    @abstractmethod
+    def load_models(self, cfg: Any, dtype: torch.dtype) -> dict[str, Any]:
+        """Return a dict with at least the denoiser, "vae", "text_encoders" (list) and "tokenizers" (list)."""
+
+    @abstractmethod
+    def model_identity(self, models: dict[str, Any], part: str) -> str:
+        """A string that changes when the weights of `part` ("vae" or "text") change: cache provenance."""
+
+    @abstractmethod
+    def encode_text(self, models: dict[str, Any], captions: list[str]) -> dict[str, torch.Tensor]:
+        ...
+
+    @abstractmethod
+    def encode_images(self, models: dict[str, Any], images: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] -> scaled latents."""
+
+    @abstractmethod
+    def noise_and_timesteps(self, latents: torch.Tensor, generator: torch.Generator, cfg: Any) -> NoisyInput:
+        ...
+
+    @abstractmethod
+    def predict(self, models: dict[str, Any], inp: NoisyInput, text: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        ...
+
+    @abstractmethod
+    def loss_target(self, models: dict[str, Any], latents: torch.Tensor, inp: NoisyInput) -> torch.Tensor:
+        ...
+
+    def loss_weights(self, models: dict[str, Any], inp: NoisyInput, cfg: Any) -> torch.Tensor | None:
+        """Per-sample loss weights (e.g. min-SNR); None for uniform."""
+        return None
+
+    @abstractmethod
+    def sample_images(self, models: dict[str, Any], prompts: list[Any], sampler: str,
+                      before_generate: Callable[[Any], None] | None = None) -> list[Any]:
+        """Generate one image per prompt spec (seeded); before_generate lets a network set per-image inputs."""
+
+
+_REGISTRY: dict[str, Callable[[], ModelFamily]] = {}
+
+
+def register_family(name: str) -> Callable[[type[ModelFamily]], type[ModelFamily]]:
+    def deco(cls: type[ModelFamily]) -> type[ModelFamily]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def get_family(name: str) -> ModelFamily:
+    if name not in _REGISTRY:
+        # families register on import; import the known modules lazily so scripts stay light
+        import importlib
+        try:
+            importlib.import_module(f"library.train.{name}_family")
+        except ModuleNotFoundError:
+            pass
+    if name not in _REGISTRY:
+        raise UserError(f"unknown model family {name!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]()
+
+
+@dataclass
+class SampleRequest:
+    """One image to generate, after the prompt language has been rendered."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 1024
+    height: int = 1024
+    steps: int = 30
+    scale: float = 7.0
+    seed: int = 0
+    extras: dict[str, Any] | None = None  # e.g. {"control_image": path} for LLLite
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """A content hash of a few parameters: cheap, and it changes when the weights do."""
+    import hashlib
+
+    params = list(module.state_dict().values())
+    picked = params[:2] + params[len(params) // 2: len(params) // 2 + 1] + params[-2:]
+    h = hashlib.sha1()
+    for t in picked:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes()[:65536])
+    return h.hexdigest()[:16]

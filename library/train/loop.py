@@ -1,0 +1,297 @@
+"""The one training loop, shared by every family (through ModelFamily) and network (through TrainNetwork)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from library.config.train_config import RunConfig
+from library.errors import UserError
+from library.train import checkpoint as ckpt
+from library.train.epoch_plan import PlannedBatch, plan_epoch
+from library.train.family import ModelFamily, get_family
+from library.train.network_adapter import TrainNetwork, build_network
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    output_file: str
+    global_step: int
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Session:
+    """Everything built once before the loop starts."""
+
+    cfg: RunConfig
+    family: ModelFamily
+    accelerator: Any
+    models: dict[str, Any]
+    network: TrainNetwork
+    datasets: list[Any]
+    optimizer: Any
+    scheduler: Any
+    text_cache: Any
+    weight_dtype: torch.dtype
+    total_steps: int
+    batches_per_epoch: int
+
+
+def step_generator(seed: int, global_step: int, micro: int) -> torch.Generator:
+    """Noise and timesteps depend only on (seed, step): resume replays them exactly, whatever came before."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + global_step * 1009 + micro) % (2 ** 63))
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
+               weights: torch.Tensor | None) -> torch.Tensor:
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if mask is not None:  # alpha mask in pixel space -> latent resolution
+        m = F.interpolate(mask.unsqueeze(1).float(), size=loss.shape[-2:], mode="area").to(loss.device)
+        loss = loss * m
+    loss = loss.mean(dim=list(range(1, loss.ndim)))
+    if weights is not None:
+        loss = loss * weights.to(loss.device)
+    return loss.mean()
+
+
+def build_session(cfg: RunConfig) -> Session:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from library.train.data_setup import build_datasets, setup_caches
+    from library.train.optim import build_optimizer, build_scheduler
+
+    log_with = None
+    if cfg.log.logging_dir:
+        log_with = cfg.log.log_with or "tensorboard"
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
+                              mixed_precision=cfg.training.mixed_precision, log_with=log_with,
+                              project_dir=cfg.log.logging_dir)
+    set_seed(cfg.training.seed)
+    family = get_family(cfg.family)
+    datasets = build_datasets(cfg)
+    weight_dtype = DTYPES[cfg.training.mixed_precision]
+
+    models = family.load_models(cfg.model, weight_dtype)
+    denoiser = models[family.denoiser_key]
+    for key in (family.denoiser_key, "vae"):
+        models[key].requires_grad_(False)
+    for te in models.get("text_encoders") or []:
+        te.requires_grad_(False)
+        te.eval()
+    models["vae"].eval()
+    device = accelerator.device
+    vae_dtype = torch.float32 if cfg.model.no_half_vae else weight_dtype
+    models["vae"].to(device, vae_dtype)
+    denoiser.to(device, weight_dtype)
+    for te in models.get("text_encoders") or []:
+        te.to(device, weight_dtype)
+    if cfg.training.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+        denoiser.train()  # diffusers only checkpoints in train mode
+    else:
+        denoiser.eval()
+
+    network = build_network(cfg.network_kind, models, cfg, family.denoiser_key)
+    if network.trains_text_encoder:
+        for te in models["text_encoders"]:
+            te.train()
+            if cfg.training.gradient_checkpointing and hasattr(te, "gradient_checkpointing_enable"):
+                te.gradient_checkpointing_enable()
+    net_dtype = weight_dtype if (cfg.training.full_bf16 or cfg.training.full_fp16) else torch.float32
+    network.module.to(device, net_dtype)
+    network.module.train()
+
+    text_cache = setup_caches(cfg, family, models, datasets, accelerator, network.trains_text_encoder)
+
+    batches_per_epoch = sum(len(d.epoch_batches(0)) for d in datasets)
+    if batches_per_epoch == 0:
+        raise UserError(f"{cfg.training.dataset_config}: the datasets give no batches")
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.training.gradient_accumulation_steps)
+    total_steps = cfg.training.max_train_steps
+    if cfg.training.max_train_epochs:
+        total_steps = cfg.training.max_train_epochs * steps_per_epoch
+
+    params = network.param_groups(cfg)
+    optimizer = build_optimizer(params, cfg.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps)
+    network.module, optimizer, scheduler = accelerator.prepare(network.module, optimizer, scheduler)
+    return Session(cfg, family, accelerator, models, network, datasets, optimizer, scheduler, text_cache,
+                   weight_dtype, total_steps, batches_per_epoch)
+
+
+class Trainer:
+    def __init__(self, session: Session):
+        self.s = session
+        self.state = ckpt.LoopState(num_processes=session.accelerator.num_processes,
+                                    batches_per_epoch=session.batches_per_epoch, seed=session.cfg.training.seed)
+        self.losses: list[float] = []
+
+    # --- one step -----------------------------------------------------------------------------------------------
+    def _text(self, batch: Any) -> dict[str, torch.Tensor]:
+        s = self.s
+        if s.text_cache is not None:
+            outs = [s.text_cache.get(c) for c in batch.captions]
+            return {k: torch.stack([o[k] for o in outs]).to(s.accelerator.device) for k in outs[0]}
+        with torch.set_grad_enabled(s.network.trains_text_encoder), s.accelerator.autocast():
+            return s.family.encode_text(s.models, batch.captions)
+
+    def _latents(self, batch: Any) -> torch.Tensor:
+        s = self.s
+        if batch.latents is not None:
+            return batch.latents.to(s.accelerator.device, s.weight_dtype)
+        with torch.no_grad():
+            return s.family.encode_images(s.models, batch.images.to(s.accelerator.device)).to(s.weight_dtype)
+
+    def _loss(self, batch: Any, micro: int) -> torch.Tensor:
+        s, t = self.s, self.s.cfg.training
+        latents = self._latents(batch)
+        text = self._text(batch)
+        gen = step_generator(t.seed, self.state.global_step, micro)
+        inp = s.family.noise_and_timesteps(latents, gen, t)
+        torch.manual_seed(gen.initial_seed() % (2 ** 31))  # network dropout draws from the global RNG
+        s.network.before_forward(batch)
+        with s.accelerator.autocast():
+            pred = s.family.predict(s.models, inp, text, batch)
+        target = s.family.loss_target(s.models, latents, inp)
+        weights = s.family.loss_weights(s.models, inp, t)
+        return masked_mse(pred, target, batch.alpha_masks, weights)
+
+    def _load(self, pb: PlannedBatch) -> Any:
+        return self.s.datasets[pb.dataset_index].load_batch(list(pb.item_indices), self.state.epoch)
+
+    # --- saving and sampling --------------------------------------------------------------------------------------
+    def _metadata(self) -> dict[str, str] | None:
+        from library.train.metadata import training_metadata
+
+        s = self.s
+        if s.cfg.save.no_metadata:
+            return None
+        return training_metadata(s.cfg, s.datasets, self.state, s.network)
+
+    def save_network(self, file_name: str) -> str:
+        s = self.s
+        path = os.path.join(s.cfg.save.output_dir, file_name)
+        if s.accelerator.is_main_process:
+            os.makedirs(s.cfg.save.output_dir, exist_ok=True)
+            dtype = SAVE_DTYPES.get(s.cfg.save.save_precision or "", None)
+            s.accelerator.unwrap_model(s.network.module).save_weights(path, dtype, self._metadata())
+        s.accelerator.wait_for_everyone()
+        return path
+
+    def save_state(self, dir_name: str) -> None:
+        ckpt.save_state(self.s.accelerator, self.state, os.path.join(self.s.cfg.save.output_dir, dir_name))
+
+    def sample(self) -> None:
+        from library.train.sampling import sample_during_training
+
+        s = self.s
+        if s.cfg.sample.sample_prompts and s.accelerator.is_main_process:
+            sample_during_training(s, self.state)
+
+    def _after_step(self) -> None:
+        s, sv, sp = self.s, self.s.cfg.save, self.s.cfg.sample
+        step = self.state.global_step
+        if sv.save_every_n_steps and step % sv.save_every_n_steps == 0 and step < s.total_steps:
+            self.save_network(ckpt.step_file_name(sv.output_name, step))
+            if sv.save_state:
+                self.save_state(f"{sv.output_name}-step{step:08d}-state")
+        if sp.sample_every_n_steps and step % sp.sample_every_n_steps == 0:
+            self.sample()
+
+    def _after_epoch(self, epoch_done: int) -> None:
+        sv, sp = self.s.cfg.save, self.s.cfg.sample
+        if sv.save_every_n_epochs and epoch_done % sv.save_every_n_epochs == 0 and self.state.global_step < self.s.total_steps:
+            self.save_network(ckpt.epoch_file_name(sv.output_name, epoch_done))
+            if sv.save_state:
+                self.save_state(f"{sv.output_name}-{epoch_done:06d}-state")
+        if sp.sample_every_n_epochs and epoch_done % sp.sample_every_n_epochs == 0:
+            self.sample()
+
+    # --- the loop -----------------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        s = self.s
+        cfg = s.cfg
+        acc = s.accelerator
+        if cfg.save.resume:
+            self.state = ckpt.load_state(acc, cfg.save.resume, s.batches_per_epoch)
+            acc.print(f"resumed from {cfg.save.resume} at step {self.state.global_step}, epoch "
+                      f"{self.state.epoch + 1}, batch {self.state.batch_in_epoch}")
+        if acc.is_main_process and cfg.log.logging_dir:
+            acc.init_trackers(cfg.log.log_prefix or "network_train")
+        per_device = max(d.batch_size for d in s.datasets)
+        acc.print(f"batches per epoch: {s.batches_per_epoch}, total optimization steps: {s.total_steps}, "
+                  f"effective batch: {per_device} x {acc.num_processes} process(es) x "
+                  f"{cfg.training.gradient_accumulation_steps} accumulation")
+        if cfg.sample.sample_at_first and self.state.global_step == 0:
+            self.sample()
+        bar = tqdm(total=s.total_steps, initial=self.state.global_step, disable=not acc.is_local_main_process,
+                   desc="steps")
+        loss_log = open(cfg.log.loss_log_file, "a", encoding="utf-8") if cfg.log.loss_log_file and acc.is_main_process else None
+        try:
+            self._epochs(bar, loss_log)
+        except KeyboardInterrupt:
+            acc.print("interrupted: saving weights and state")
+            self.save_network(f"{cfg.save.output_name}-interrupted.safetensors")
+            self.save_state(f"{cfg.save.output_name}-interrupted-state")
+            raise
+        finally:
+            bar.close()
+            if loss_log:
+                loss_log.close()
+        out = self.save_network(f"{cfg.save.output_name}.safetensors")
+        if cfg.save.save_state or cfg.save.save_state_on_train_end:
+            self.save_state(f"{cfg.save.output_name}-state")
+        acc.end_training()
+        return TrainResult(out, self.state.global_step, self.losses)
+
+    def _epochs(self, bar: tqdm, loss_log: Any) -> None:
+        s, acc = self.s, self.s.accelerator
+        accum = s.cfg.training.gradient_accumulation_steps
+        while self.state.global_step < s.total_steps:
+            plan = plan_epoch(s.datasets, self.state.epoch, s.cfg.training.seed)
+            for i in range(self.state.batch_in_epoch, len(plan)):
+                micro = i % accum
+                with acc.accumulate(s.network.module):
+                    loss = self._loss(self._load(plan[i]), micro)
+                    acc.backward(loss)
+                    if acc.sync_gradients and s.cfg.optimizer.max_grad_norm:
+                        acc.clip_grad_norm_(s.network.module.parameters(), s.cfg.optimizer.max_grad_norm)
+                    s.optimizer.step()
+                    s.scheduler.step()
+                    s.optimizer.zero_grad(set_to_none=True)
+                self.state.batch_in_epoch = i + 1
+                if not acc.sync_gradients:
+                    continue
+                self.state.global_step += 1
+                value = loss.detach().item()
+                self.losses.append(value)
+                lr = s.scheduler.get_last_lr()[0]
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+                acc.log({"loss/current": value, "lr/unet": lr}, step=self.state.global_step)
+                if loss_log:
+                    loss_log.write(json.dumps({"step": self.state.global_step, "loss": value,
+                                               "time": time.time()}) + "\n")
+                    loss_log.flush()
+                self._after_step()
+                if self.state.global_step >= s.total_steps:
+                    return
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+            self._after_epoch(self.state.epoch)
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    return Trainer(build_session(cfg)).run()

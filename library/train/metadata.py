@@ -1,0 +1,60 @@
+"""`ss_*` training metadata written into network files, as kohya's tools and UIs read it."""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from typing import Any
+
+from library.config.train_config import RunConfig
+
+_START = time.time()
+
+
+def training_metadata(cfg: RunConfig, datasets: list[Any], state: Any, network: Any) -> dict[str, str]:
+    n, o, t = cfg.network, cfg.optimizer, cfg.training
+    buckets: Counter = Counter()
+    num_images = 0
+    for ds in datasets:
+        num_images += len(ds.items)
+        for (w, h), count in ds.bucket_histogram().items():
+            buckets[f"{w}x{h}"] += count
+    res = datasets[0].config.resolution if datasets else (0, 0)
+    md: dict[str, Any] = {
+        "ss_session_id": str(int(_START)),
+        "ss_training_started_at": str(_START),
+        "ss_training_finished_at": str(time.time()),
+        "ss_output_name": cfg.save.output_name,
+        "ss_network_module": n.network_module if cfg.network_kind == "lora" else "networks.control_net_lllite",
+        "ss_network_dim": n.network_dim,
+        "ss_network_alpha": n.network_alpha,
+        "ss_network_dropout": n.network_dropout,
+        "ss_network_args": json.dumps(dict(a.split("=", 1) for a in n.network_args if "=" in a)),
+        "ss_base_model_version": "sdxl_base_v1-0" if cfg.family == "sdxl" else cfg.family,
+        "ss_v2": False,
+        "ss_sd_model_name": cfg.model.pretrained_model_name_or_path,
+        "ss_learning_rate": o.learning_rate,
+        "ss_unet_lr": n.unet_lr,
+        "ss_text_encoder_lr": n.text_encoder_lr,
+        "ss_optimizer": o.optimizer_type + (f"({','.join(o.optimizer_args)})" if o.optimizer_args else ""),
+        "ss_lr_scheduler": o.lr_scheduler,
+        "ss_lr_warmup_steps": o.lr_warmup_steps,
+        "ss_max_train_steps": state.global_step,
+        "ss_steps": state.global_step,
+        "ss_epoch": state.epoch,
+        "ss_seed": t.seed,
+        "ss_mixed_precision": t.mixed_precision,
+        "ss_full_fp16": t.full_fp16,
+        "ss_gradient_checkpointing": t.gradient_checkpointing,
+        "ss_gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "ss_noise_offset": t.noise_offset,
+        "ss_min_snr_gamma": t.min_snr_gamma,
+        "ss_num_train_images": num_images,
+        "ss_resolution": f"({res[0]}, {res[1]})",
+        "ss_bucket_info": json.dumps({"buckets": dict(buckets)}),
+        "ss_cache_latents": cfg.cache.cache_latents or cfg.cache.cache_latents_to_disk,
+        "ss_training_comment": n.training_comment,
+    }
+    if cfg.network_kind == "lllite":
+        md["ss_cond_emb_dim"] = n.cond_emb_dim
+    return {k: str(v) for k, v in md.items() if v is not None}

@@ -1,0 +1,81 @@
+"""Sample images during training: prompts from the prompt language, fixed seeds, PNG metadata, TensorBoard."""
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from library.train.family import SampleRequest
+
+DEFAULT_SAMPLE_STEPS = 30
+DEFAULT_SAMPLE_SCALE = 7.0
+
+
+def requests_from_prompt_file(path: str, default_size: tuple[int, int], seed: int) -> list[SampleRequest]:
+    """One request per prompt line; a line without --d gets seed+index so that samples are comparable over steps."""
+    from library.sample.prompts import read_prompt_file
+
+    requests = []
+    for i, spec in enumerate(read_prompt_file(path)):
+        image_seed = spec.seed if spec.seed is not None else seed + i
+        rendered = spec.render(random.Random(image_seed))
+        extras = {"control_image": spec.control_image} if getattr(spec, "control_image", None) else None
+        requests.append(SampleRequest(
+            prompt=rendered.prompt, negative_prompt=rendered.negative_prompt or "",
+            width=spec.width or default_size[0], height=spec.height or default_size[1],
+            steps=spec.steps or DEFAULT_SAMPLE_STEPS, scale=spec.scale if spec.scale is not None else DEFAULT_SAMPLE_SCALE,
+            seed=image_seed, extras=extras))
+    return requests
+
+
+def sample_during_training(session: Any, state: Any) -> list[str]:
+    """Generate the sample prompts with the network as it is now; restore training mode afterwards."""
+    from library.sample.png_metadata import GenerationInfo, save_png_with_info
+
+    cfg = session.cfg
+    res = session.datasets[0].config.resolution
+    requests = requests_from_prompt_file(cfg.sample.sample_prompts, res, cfg.training.seed)
+    out_dir = os.path.join(cfg.save.output_dir, "sample")
+    os.makedirs(out_dir, exist_ok=True)
+    net = session.accelerator.unwrap_model(session.network.module)
+    denoiser = session.models[session.family.denoiser_key]
+    was_training = denoiser.training, net.training
+    denoiser.eval()
+    net.eval()
+    vae_device = next(session.models["vae"].parameters()).device
+    session.models["vae"].to(session.accelerator.device)
+    rng_state = torch.get_rng_state()
+    try:
+        with torch.no_grad(), session.accelerator.autocast():
+            images = session.family.sample_images(session.models, requests, cfg.sample.sample_sampler,
+                                                  before_generate=session.network.before_sample)
+    finally:
+        session.network.after_sample()
+        torch.set_rng_state(rng_state)
+        session.models["vae"].to(vae_device)
+        denoiser.train(was_training[0])
+        net.train(was_training[1])
+    paths = []
+    for i, (req, img) in enumerate(zip(requests, images)):
+        path = os.path.join(out_dir, f"{cfg.save.output_name}_{state.global_step:06d}_{i:02d}_{req.seed}.png")
+        save_png_with_info(img, path, GenerationInfo(prompt=req.prompt, negative_prompt=req.negative_prompt,
+                                                     seed=req.seed, steps=req.steps, scale=req.scale,
+                                                     sampler=cfg.sample.sample_sampler, width=req.width,
+                                                     height=req.height))
+        paths.append(path)
+    _log_images(session, images, state.global_step)
+    return paths
+
+
+def _log_images(session: Any, images: list[Any], step: int) -> None:
+    try:
+        tracker = session.accelerator.get_tracker("tensorboard", unwrap=True)
+    except Exception:  # no tensorboard tracker configured
+        return
+    if tracker is None or not hasattr(tracker, "add_image"):
+        return
+    for i, img in enumerate(images):
+        tracker.add_image(f"sample/{i}", np.asarray(img.convert("RGB")), step, dataformats="HWC")

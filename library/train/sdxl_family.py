@@ -1,0 +1,122 @@
+"""SDXL: the family hooks of the shared loop (text encoding, size conditioning, the U-Net call, sampling)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from library.train import noise as noise_lib
+from library.train.family import ModelFamily, NoisyInput, SampleRequest, module_fingerprint, register_family
+
+SDXL_VAE_SCALE = 0.13025
+
+
+@register_family("sdxl")
+class SDXLFamily(ModelFamily):
+    denoiser_key = "unet"
+
+    def __init__(self) -> None:
+        self.alphas_cumprod = noise_lib.ddpm_alphas_cumprod()
+
+    # --- models -------------------------------------------------------------------------------------------------
+    def load_models(self, cfg: Any, dtype: torch.dtype) -> dict[str, Any]:
+        from library.models.sdxl_loader import load_sdxl
+
+        m = load_sdxl(cfg.pretrained_model_name_or_path, dtype=torch.float32,
+                      tokenizer_cache_dir=cfg.tokenizer_cache_dir, allow_pickle=cfg.allow_pickle)
+        models = {"unet": m.unet, "vae": m.vae, "text_encoders": [m.text_encoder1, m.text_encoder2],
+                  "tokenizers": [m.tokenizer1, m.tokenizer2], "v_prediction": cfg.v_parameterization}
+        if cfg.vae:
+            models["vae"] = load_sdxl_vae(cfg.vae)
+        return models
+
+    def model_identity(self, models: dict[str, Any], part: str) -> str:
+        if part == "vae":
+            return "sdxl-vae-" + module_fingerprint(models["vae"])
+        return "sdxl-te-" + "-".join(module_fingerprint(te) for te in models["text_encoders"])
+
+    # --- encoders -----------------------------------------------------------------------------------------------
+    def encode_text(self, models: dict[str, Any], captions: list[str]) -> dict[str, torch.Tensor]:
+        te1, te2 = models["text_encoders"]
+        tok1, tok2 = models["tokenizers"]
+        device = next(te1.parameters()).device
+        ids1 = tok1(captions, padding="max_length", max_length=tok1.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+        ids2 = tok2(captions, padding="max_length", max_length=tok2.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+        out1 = te1(ids1, output_hidden_states=True)
+        out2 = te2(ids2, output_hidden_states=True)
+        # SDXL conditions on the penultimate layer of both encoders and on CLIP-G's pooled projection
+        hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+        return {"encoder_hidden_states": hidden, "pooled": out2.text_embeds}
+
+    def encode_images(self, models: dict[str, Any], images: torch.Tensor) -> torch.Tensor:
+        vae = models["vae"]
+        latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.sample()
+        return latents * getattr(vae.config, "scaling_factor", SDXL_VAE_SCALE)
+
+    # --- noise and prediction -----------------------------------------------------------------------------------
+    def noise_and_timesteps(self, latents: torch.Tensor, generator: torch.Generator, cfg: Any) -> NoisyInput:
+        noise = noise_lib.sample_noise(latents, generator, cfg.noise_offset)
+        t = noise_lib.sample_timesteps(latents.shape[0], generator, cfg.min_timestep, cfg.max_timestep, latents.device)
+        noisy = noise_lib.add_noise(latents, noise, t, self.alphas_cumprod)
+        return NoisyInput(noisy=noisy, noise=noise, timesteps=t, extras={})
+
+    def predict(self, models: dict[str, Any], inp: NoisyInput, text: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        unet = models["unet"]
+        time_ids = size_condition_ids(batch).to(inp.noisy.device, inp.noisy.dtype)
+        added = {"text_embeds": text["pooled"].to(inp.noisy.dtype), "time_ids": time_ids}
+        return unet(inp.noisy, inp.timesteps, text["encoder_hidden_states"].to(inp.noisy.dtype),
+                    added_cond_kwargs=added).sample
+
+    def loss_target(self, models: dict[str, Any], latents: torch.Tensor, inp: NoisyInput) -> torch.Tensor:
+        if models.get("v_prediction"):
+            return noise_lib.v_target(latents, inp.noise, inp.timesteps, self.alphas_cumprod)
+        return inp.noise
+
+    def loss_weights(self, models: dict[str, Any], inp: NoisyInput, cfg: Any) -> torch.Tensor | None:
+        if cfg.min_snr_gamma:
+            return noise_lib.min_snr_weights(inp.timesteps, self.alphas_cumprod, cfg.min_snr_gamma,
+                                             bool(models.get("v_prediction")))
+        return None
+
+    # --- sampling -----------------------------------------------------------------------------------------------
+    def build_pipeline(self, models: dict[str, Any], sampler: str):
+        from diffusers import StableDiffusionXLPipeline
+
+        from library.sample.schedulers import make_scheduler
+
+        te1, te2 = models["text_encoders"]
+        tok1, tok2 = models["tokenizers"]
+        pipe = StableDiffusionXLPipeline(vae=models["vae"], text_encoder=te1, text_encoder_2=te2, tokenizer=tok1,
+                                         tokenizer_2=tok2, unet=models["unet"], scheduler=make_scheduler(sampler))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def sample_images(self, models: dict[str, Any], prompts: list[SampleRequest], sampler: str,
+                      before_generate: Callable[[SampleRequest], None] | None = None) -> list[Any]:
+        pipe = self.build_pipeline(models, sampler)
+        images = []
+        for req in prompts:
+            if before_generate is not None:
+                before_generate(req)
+            gen = torch.Generator(device="cpu").manual_seed(req.seed)
+            out = pipe(prompt=req.prompt, negative_prompt=req.negative_prompt or None, width=req.width,
+                       height=req.height, num_inference_steps=req.steps, guidance_scale=req.scale, generator=gen,
+                       original_size=(req.height, req.width), target_size=(req.height, req.width))
+            images.append(out.images[0])
+        return images
+
+
+def size_condition_ids(batch: Any) -> torch.Tensor:
+    """SDXL's micro-conditioning: original size, crop top-left and target size, each (h, w), per sample."""
+    rows = [list(o) + list(c) + list(t) for o, c, t in
+            zip(batch.original_sizes, batch.crop_top_lefts, batch.target_sizes)]
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def load_sdxl_vae(path: str):
+    from library.models.sdxl_loader import load_sdxl_vae as _load
+
+    return _load(path)
