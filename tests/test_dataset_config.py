@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from library.config.dataset_schema import load_dataset_config
-from library.data.sources import collect_records, read_image_size
+from library.data.sources import collect_records
 from library.errors import ConfigError
 
 
@@ -457,14 +457,3 @@ def test_validation_split_deterministic_and_disjoint(tmp_path):
     (r3,) = load_records(other)[0]
     assert [r.path for r in r3 if r.split == "validation"] != val  # the seed changes the choice
     assert sum(r.split == "validation" for r in r3) == 5
-
-
-# ---- image sizes -----------------------------------------------------------------------------------------------
-
-
-def test_read_image_size_applies_exif_rotation(tmp_path):
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 CW on display
-    p = make_image(tmp_path / "rot.jpg", (64, 32), fmt="JPEG", exif=exif.tobytes())
-    assert read_image_size(p) == (32, 64)
-    assert read_image_size(make_image(tmp_path / "plain.png", (64, 32))) == (64, 32)

@@ -298,7 +298,7 @@ def test_load_errors_are_clear(unet, tmp_path):
     with pytest.raises(UserError) as err:
         net.load_weights(tmp_path / "partial.safetensors")
     msg = str(err.value)
-    assert "partial.safetensors" in msg and "40 missing keys" in msg and "1 unexpected keys" in msg
+    assert "partial.safetensors" in msg and "48 missing keys" in msg and "1 unexpected keys" in msg
     assert "middle_block_1" in msg and "ff_net_2" in msg
 
     other = {k: torch.zeros(s) for k, s in published_shapes(16, 32).items()}

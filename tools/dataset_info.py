@@ -18,7 +18,8 @@ from typing import Any  # noqa: E402
 
 from library.config.dataset_schema import load_dataset_config  # noqa: E402
 from library.data.buckets import BucketSpec, assign_bucket, bucket_histogram  # noqa: E402
-from library.data.sources import collect_records, read_image_size  # noqa: E402
+from library.data.images import image_size  # noqa: E402  (the header reader training uses)
+from library.data.sources import collect_records  # noqa: E402
 from library.data.types import DatasetConfig  # noqa: E402
 from library.errors import UserError  # noqa: E402
 
@@ -54,7 +55,7 @@ def _describe_dataset(dataset: DatasetConfig, source: str) -> dict[str, Any]:
         )
         for rec in records:
             try:
-                size = read_image_size(rec.path)
+                size = image_size(rec.path)
                 assignment = assign_bucket(spec, size)
             except UserError as e:
                 raise UserError(f"{source} / {subset.table}: {e}") from None
@@ -92,7 +93,9 @@ def format_summary(report: dict[str, Any]) -> str:
     for i, d in enumerate(report["datasets"]):
         w, h = d["resolution"]
         bucketing = "on" + (" (no upscale)" if d["bucket_no_upscale"] else "") if d["enable_bucket"] else "off"
-        lines.append(f"{d['table']}: {d['kind']}, resolution {w}x{h}, batch size {d['batch_size']}, bucketing {bucketing}")
+        lines.append(
+            f"{d['table']}: {d['kind']}, resolution {w}x{h}, batch size {d['batch_size']}, bucketing {bucketing}"
+        )
         for j, s in enumerate(d["subsets"]):
             where = s["image_dir"] or s["metadata_file"]
             role = "regularization" if s["is_reg"] else "training"

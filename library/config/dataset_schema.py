@@ -139,7 +139,10 @@ def load_dataset_config(path: str, defaults: Mapping[str, Any] | None = None) ->
     for key in raw:
         if key not in ("general", "datasets"):
             raise ConfigError(
-                f"unknown top-level key{_suggest(key, ['general', 'datasets'])}", file=source, table="top level", key=key
+                f"unknown top-level key{_suggest(key, ['general', 'datasets'])}",
+                file=source,
+                table="top level",
+                key=key,
             )
     general = raw.get("general", {})
     if not isinstance(general, dict):
@@ -202,7 +205,9 @@ class _Context:
 
     # ---- key and type checks -------------------------------------------------------------------------------
 
-    def check_table(self, table: Mapping[str, Any], name: str, allow_dataset: bool, allow_subsets: bool = False) -> None:
+    def check_table(
+        self, table: Mapping[str, Any], name: str, allow_dataset: bool, allow_subsets: bool = False
+    ) -> None:
         """Reject unknown keys (with a suggestion), keys at the wrong level, and values of the wrong type."""
         valid = set(SUBSET_KEYS) | (set(DATASET_KEYS) if allow_dataset else set()) | set(IGNORED_KEYS)
         if allow_subsets:
@@ -218,7 +223,7 @@ class _Context:
                 )
             spec = SUBSET_KEYS.get(key) or DATASET_KEYS.get(key)
             if spec is None:
-                raise self.error(f"unknown key{_suggest(key, valid)}", name, key)
+                raise self.error(f"unknown key{_suggest(key, valid | set(DATASET_KEYS))}", name, key)
             self.check_value(key, value, spec, name)
 
     def check_value(self, key: str, value: Any, spec: KeySpec, table: str) -> None:
@@ -329,7 +334,9 @@ class _Context:
         if subset.image_dir is not None:
             subset.image_dir = self.resolve_path(subset.image_dir, subset.table, "image_dir", want_dir=True)
         if subset.metadata_file is not None:
-            subset.metadata_file = self.resolve_path(subset.metadata_file, subset.table, "metadata_file", want_dir=False)
+            subset.metadata_file = self.resolve_path(
+                subset.metadata_file, subset.table, "metadata_file", want_dir=False
+            )
         if subset.conditioning_data_dir is not None:
             subset.conditioning_data_dir = self.resolve_path(
                 subset.conditioning_data_dir, subset.table, "conditioning_data_dir", want_dir=True
@@ -369,11 +376,15 @@ class _Context:
         # sd-scripts rounds min down and max up to the step (with a warning) instead of failing: keep its shapes.
         if d.min_bucket_reso % step:
             adjusted = d.min_bucket_reso - d.min_bucket_reso % step
-            logger.warning("%s: min_bucket_reso %d is not a multiple of %d; using %d", d.table, d.min_bucket_reso, step, adjusted)
+            logger.warning(
+                "%s: min_bucket_reso %d is not a multiple of %d; using %d", d.table, d.min_bucket_reso, step, adjusted
+            )
             d.min_bucket_reso = adjusted
         if d.max_bucket_reso % step:
             adjusted = d.max_bucket_reso + step - d.max_bucket_reso % step
-            logger.warning("%s: max_bucket_reso %d is not a multiple of %d; using %d", d.table, d.max_bucket_reso, step, adjusted)
+            logger.warning(
+                "%s: max_bucket_reso %d is not a multiple of %d; using %d", d.table, d.max_bucket_reso, step, adjusted
+            )
             d.max_bucket_reso = adjusted
         if d.min_bucket_reso <= 0:
             raise self.error(f"becomes 0 when rounded down to bucket_reso_steps ({step})", d.table, "min_bucket_reso")

@@ -15,7 +15,7 @@ import random
 from typing import Iterable
 
 from library.data.types import DatasetConfig, ImageRecord, SubsetConfig
-from library.errors import ConfigError, UserError
+from library.errors import ConfigError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".heic", ".heif")
 CAPTIONS_TXT = "captions.txt"
@@ -40,39 +40,6 @@ def list_images(directory: str) -> list[str]:
         for n in os.listdir(directory)
         if is_image_file(n) and os.path.isfile(os.path.join(directory, n))
     )
-
-
-def read_image_size(path: str) -> tuple[int, int]:
-    """(width, height) as training will see it, read from the header only (no pixel decode).
-
-    A JPEG whose EXIF orientation is 5-8 is stored rotated by 90 degrees; the loader transposes it, so the size
-    that decides the bucket is the swapped one.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if os.path.splitext(path)[1].lower() in (".heic", ".heif"):
-        _register_heif()
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-            try:
-                orientation = img.getexif().get(0x0112, 1)
-            except Exception:  # a broken EXIF block must not hide a readable image
-                orientation = 1
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"cannot read image {path}: {e}") from None
-    if orientation in (5, 6, 7, 8):
-        width, height = height, width
-    return width, height
-
-
-def _register_heif() -> None:
-    try:
-        import pillow_heif
-
-        pillow_heif.register_heif_opener()
-    except ImportError as e:  # pragma: no cover - pillow-heif is a dependency
-        raise UserError(f"HEIC/HEIF images need the pillow-heif package ({e})") from None
 
 
 def collect_records(dataset: DatasetConfig, source: str) -> list[list[ImageRecord]]:
@@ -107,7 +74,7 @@ def mark_validation(records: list[ImageRecord], fraction: float, seed: int | Non
     order = sorted(range(len(records)), key=lambda i: records[i].path)
     random.Random(0 if seed is None else seed).shuffle(order)
     count = min(len(records) - 1, round(len(records) * fraction))  # keep at least one training image
-    for i in order[len(order) - count:] if count else []:
+    for i in order[len(order) - count:] if count > 0 else ():
         records[i].split = "validation"
 
 
@@ -262,7 +229,8 @@ class _SubsetReader:
         return None
 
     def find_conditioning(self, key: str, metadata_path: str) -> str:
-        bases = [d for d in (self.subset.conditioning_data_dir, self.subset.image_dir, os.path.dirname(metadata_path)) if d]
+        folders = (self.subset.conditioning_data_dir, self.subset.image_dir, os.path.dirname(metadata_path))
+        bases = [d for d in folders if d]
         candidates = [key] if os.path.isabs(key) else [os.path.join(b, key) for b in bases]
         for cand in candidates:
             if os.path.isfile(cand):

@@ -27,7 +27,7 @@ import random
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Mapping, Union
+from typing import Any, Callable, Iterable, Mapping, Union
 
 from library.errors import UserError
 
@@ -455,7 +455,7 @@ def _negative_scale_value(value: str) -> float | None:
 
 
 # option name (as written after "--", case-insensitive) -> (PromptSpec field, converter, what to write)
-PROMPT_OPTIONS: dict[str, tuple[str, object, str]] = {
+PROMPT_OPTIONS: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "n": ("negative_template", None, "a negative prompt"),
     "w": ("width", _int_value(1), "a width in pixels"),
     "h": ("height", _int_value(1), "a height in pixels"),
@@ -530,7 +530,7 @@ def parse_prompt_line(line: str) -> PromptSpec:
         if not value:
             raise PromptSyntaxError(f"option '--{name}' needs {expected}", text, start)
         try:
-            values[field_name] = convert(value)  # type: ignore[operator]
+            values[field_name] = convert(value)  # type: ignore[misc]
         except ValueError as exc:
             detail = str(exc) if "must" in str(exc) else f"expected {expected}"
             raise PromptSyntaxError(f"bad value '{value}' for '--{name}': {detail}", text, v_start) from None

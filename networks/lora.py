@@ -1,0 +1,820 @@
+"""LoRA / LoCon for SDXL in kohya's file layout, with sd-scripts' network-module interface.
+
+`--network_module networks.lora` finds `create_network` / `create_network_from_weights` here, as users of sd-scripts
+expect. Files are interchangeable with sd-scripts, ComfyUI, A1111 and diffusers' `load_lora_weights`: module names are
+`lora_unet_<SGM path>` (the U-Net runs as diffusers' `UNet2DConditionModel`, names are translated to the SGM layout of
+the published checkpoints) and `lora_te1_text_model_...` / `lora_te2_text_model_...` for the text encoders.
+
+Each `LoRAModule` keeps the wrapped layer and replaces only its `forward`, so the base model's own state dict is
+untouched (checkpoints of the base model keep their names) and removing the network restores the model exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from library.errors import ConfigError, ModelLoadError
+from library.models.sdxl_unet_names import diffusers_to_sgm
+from networks import kohya_names as kn
+from networks.targets import (
+    KEY_DOWN,
+    LORA_PREFIX_UNET,
+    TEXT_ENCODER_TARGET_CONTAINERS,
+    UNET_CONV_CONTAINERS,
+    UNET_TARGET_CONTAINERS,
+)
+
+logger = logging.getLogger(__name__)
+
+NETWORK_MODULE = "networks.lora"
+SDXL_BASE_MODEL_VERSION = "sdxl_base_v1-0"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One wrapped layer
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class LoRAModule(nn.Module):
+    """A low-rank update added to one Linear or Conv2d: `org(x) + up(down(x)) * multiplier * alpha / dim`.
+
+    `up` starts at zero so an untrained module changes nothing; `down` gets kaiming-uniform init (as sd-scripts), so
+    gradients reach `up` from the first step. For convs, `down` copies the layer's kernel, stride and padding and `up`
+    is 1x1 (LoCon), which is what the published conv LoRA files contain.
+    """
+
+    def __init__(
+        self,
+        lora_name: str,
+        org_module: nn.Module,
+        multiplier: float = 1.0,
+        lora_dim: int = 4,
+        alpha: float | None = 1.0,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+    ):
+        super().__init__()
+        self.lora_name = lora_name
+        self.lora_dim = int(lora_dim)
+        if isinstance(org_module, nn.Conv2d):
+            self.lora_down = nn.Conv2d(org_module.in_channels, self.lora_dim, org_module.kernel_size,
+                                       org_module.stride, org_module.padding, dilation=org_module.dilation,
+                                       bias=False)
+            self.lora_up = nn.Conv2d(self.lora_dim, org_module.out_channels, (1, 1), (1, 1), bias=False)
+        elif isinstance(org_module, nn.Linear):
+            self.lora_down = nn.Linear(org_module.in_features, self.lora_dim, bias=False)
+            self.lora_up = nn.Linear(self.lora_dim, org_module.out_features, bias=False)
+        else:
+            raise TypeError(f"{lora_name}: LoRA wraps Linear or Conv2d, got {type(org_module).__name__}")
+        if isinstance(org_module, nn.Conv2d) and org_module.groups != 1:
+            raise TypeError(f"{lora_name}: grouped convolutions are not supported")
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+
+        alpha = float(self.lora_dim if alpha is None or alpha == 0 else alpha)
+        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
+        self.scale = alpha / self.lora_dim
+        # The loaded alpha decides the scale: keep the cached float in step with the buffer.
+        self.register_load_state_dict_post_hook(lambda module, _incompatible: module.refresh_scale())
+
+        self.multiplier = float(multiplier)
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        # A plain tuple so the wrapped layer is not registered as a child (its weights stay out of our state dict).
+        self._org = (org_module,)
+        self._org_forward = None
+        self._had_instance_forward = False
+
+    @property
+    def org_module(self) -> nn.Module:
+        return self._org[0]
+
+    @property
+    def is_applied(self) -> bool:
+        return self._org_forward is not None
+
+    def refresh_scale(self) -> None:
+        self.scale = float(self.alpha.item()) / self.lora_dim
+
+    def apply_to(self) -> None:
+        """Route the wrapped layer's calls through this module."""
+        if self.is_applied:
+            return
+        org = self.org_module
+        self._had_instance_forward = "forward" in org.__dict__
+        self._org_forward = org.forward
+        org.forward = self.forward
+
+    def restore(self) -> None:
+        """Give the wrapped layer its own forward back."""
+        if not self.is_applied:
+            return
+        org = self.org_module
+        if self._had_instance_forward:
+            org.forward = self._org_forward
+        else:
+            del org.forward
+        self._org_forward = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._org_forward is None:
+            raise RuntimeError(f"{self.lora_name}: call apply_to() before using the module")
+        org_out = self._org_forward(x)
+        if self.module_dropout and self.training and torch.rand(1).item() < self.module_dropout:
+            return org_out
+        lx = self.lora_down(x.to(self.lora_down.weight.dtype))
+        if self.dropout and self.training:
+            lx = nn.functional.dropout(lx, p=self.dropout)
+        scale = self.scale
+        if self.rank_dropout and self.training:
+            mask = torch.rand((lx.size(0), self.lora_dim), device=lx.device) > self.rank_dropout
+            if lx.dim() == 3:  # (batch, tokens, rank)
+                mask = mask.unsqueeze(1)
+            elif lx.dim() == 4:  # (batch, rank, h, w)
+                mask = mask.unsqueeze(-1).unsqueeze(-1)
+            lx = lx * mask.to(lx.dtype)
+            scale = scale / (1.0 - self.rank_dropout)  # keep the expected update unchanged
+        lx = self.lora_up(lx)
+        return org_out + (lx * (self.multiplier * scale)).to(org_out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update `up @ down * scale` in the wrapped layer's weight shape (float32), for merging and max-norm."""
+        down = self.lora_down.weight.float()
+        up = self.lora_up.weight.float()
+        if down.dim() == 2:
+            delta = up @ down
+        elif down.shape[2:] == (1, 1):
+            delta = (up[:, :, 0, 0] @ down[:, :, 0, 0])[:, :, None, None]
+        else:  # kxk down, 1x1 up: out[o, i] = sum_r up[o, r] * down[r, i]
+            delta = torch.einsum("or,rihw->oihw", up[:, :, 0, 0], down)
+        return delta * self.scale
+
+    @torch.no_grad()
+    def merge_into_org(self, multiplier: float | None = None, device: torch.device | str | None = None) -> None:
+        """Add the update to the wrapped layer's weight (in float32, stored back in the layer's dtype)."""
+        self.restore()
+        weight = self.org_module.weight
+        mult = self.multiplier if multiplier is None else float(multiplier)
+        work_device = torch.device(device) if device is not None else weight.device
+        delta = self.delta_weight().to(work_device) * mult
+        merged = weight.to(work_device, torch.float32) + delta
+        weight.copy_(merged.to(weight.device, weight.dtype))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Finding the layers to wrap
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoRATarget:
+    """One layer to wrap: its published name, the layer, and whether it takes the conv rank (kxk conv, k > 1)."""
+
+    name: str
+    module: nn.Module
+    is_conv_kxk: bool
+
+
+def _wrappable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Conv2d))
+
+
+def _is_kxk_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
+
+
+def find_targets(root: nn.Module, containers: Iterable[str], name_of: Any) -> list[LoRATarget]:
+    """Every Linear/Conv2d inside a module whose class name is in `containers`, named by `name_of(path)`."""
+    containers = tuple(containers)
+    found: dict[str, LoRATarget] = {}
+    for path, module in root.named_modules():
+        if type(module).__name__ not in containers:
+            continue
+        for child_path, child in module.named_modules():
+            if not child_path or not _wrappable(child):
+                continue
+            full = f"{path}.{child_path}" if path else child_path
+            name = name_of(full)
+            found.setdefault(name, LoRATarget(name, child, _is_kxk_conv(child)))
+    return list(found.values())
+
+
+def _unet_name(path: str) -> str:
+    try:
+        return kn.lora_name(LORA_PREFIX_UNET, diffusers_to_sgm(path))
+    except KeyError:
+        raise ModelLoadError(
+            f"U-Net module '{path}' has no SDXL (SGM) name: networks.lora expects an SDXL-layout "
+            "UNet2DConditionModel (three levels, two layers per block)"
+        ) from None
+
+
+def _text_encoder_list(text_encoder: Any) -> list[nn.Module]:
+    if text_encoder is None:
+        return []
+    if isinstance(text_encoder, (list, tuple)):
+        return [te for te in text_encoder if te is not None]
+    return [text_encoder]
+
+
+def collect_targets(
+    text_encoders: Sequence[nn.Module], unet: nn.Module | None, include_conv: bool
+) -> tuple[list[LoRATarget], list[LoRATarget]]:
+    """(text-encoder targets, U-Net targets) in the published naming."""
+    te_targets: list[LoRATarget] = []
+    several = len(text_encoders) > 1
+    for i, te in enumerate(text_encoders):
+        prefix = kn.text_encoder_prefix(i + 1 if several else None)
+        te_targets += find_targets(te, TEXT_ENCODER_TARGET_CONTAINERS,
+                                   lambda p, prefix=prefix: kn.lora_name(prefix, kn.published_clip_path(p)))
+    unet_targets: list[LoRATarget] = []
+    if unet is not None:
+        containers = UNET_TARGET_CONTAINERS + (UNET_CONV_CONTAINERS if include_conv else ())
+        unet_targets = find_targets(unet, containers, _unet_name)
+    return te_targets, unet_targets
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_weights_file(file: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, metadata) of a LoRA file (.safetensors, or a torch pickle of tensors)."""
+    path = os.fspath(file)
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"LoRA file not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            with safetensors.safe_open(path, framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+            return sd, metadata
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # corrupt or foreign file: one clear message
+        raise ModelLoadError(f"{path}: cannot read it as a LoRA file ({e})") from None
+    if not isinstance(sd, dict):
+        raise ModelLoadError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
+    return sd, {}
+
+
+def precalculate_safetensors_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
+    """(`sshs_model_hash`, `sshs_legacy_hash`) as sd-scripts computes them for the additional-networks web UI.
+
+    The file is serialised in memory with only the `ss_` metadata (user metadata may change later without changing
+    the hashes). The model hash is the sha256 of everything after the header, i.e. of the tensor bytes; the legacy
+    hash is the first 8 hex digits of the sha256 of 64 KiB read at 1 MiB into the file.
+    """
+    ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    blob = safetensors.torch.save(dict(tensors), ss_only or None)
+    header_len = int.from_bytes(blob[:8], "little")
+    model_hash = hashlib.sha256(blob[8 + header_len:]).hexdigest()
+    legacy_hash = hashlib.sha256(blob[0x100000:0x100000 + 0x10000]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def _metadata_strings(metadata: Mapping[str, Any] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in (metadata or {}).items():
+        if isinstance(value, str):
+            out[str(key)] = value
+        elif isinstance(value, (dict, list)):
+            out[str(key)] = json.dumps(value)
+        else:
+            out[str(key)] = str(value)
+    return out
+
+
+def save_state_dict_file(
+    state_dict: Mapping[str, torch.Tensor], file: str | os.PathLike, metadata: Mapping[str, Any] | None = None
+) -> None:
+    """Write atomically (temp file + os.replace), so a crash never leaves a half-written LoRA behind.
+
+    `.safetensors` files get the `sshs_*` hashes added to their metadata; other extensions are torch pickles
+    without metadata (as sd-scripts writes them).
+    """
+    path = os.fspath(file)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    tensors = {k: v.contiguous() for k, v in state_dict.items()}
+    try:
+        if path.endswith(".safetensors"):
+            meta = _metadata_strings(metadata)
+            meta["sshs_model_hash"], meta["sshs_legacy_hash"] = precalculate_safetensors_hashes(tensors, meta)
+            safetensors.torch.save_file(tensors, tmp, meta)
+        else:
+            torch.save(tensors, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def build_ss_metadata(
+    *,
+    network_dim: int,
+    network_alpha: float,
+    network_args: Mapping[str, Any] | None = None,
+    network_module: str = NETWORK_MODULE,
+    network_dropout: float | None = None,
+    learning_rate: float | None = None,
+    unet_lr: float | None = None,
+    text_encoder_lr: float | Sequence[float] | None = None,
+    training_started_at: float | None = None,
+    output_name: str | None = None,
+    num_train_images: int | None = None,
+    num_reg_images: int | None = None,
+    num_batches_per_epoch: int | None = None,
+    num_epochs: int | None = None,
+    max_train_steps: int | None = None,
+    seed: int | None = None,
+    resolution: tuple[int, int] | None = None,
+    mixed_precision: str | None = None,
+    optimizer: str | None = None,
+    lr_scheduler: str | None = None,
+    gradient_checkpointing: bool | None = None,
+    gradient_accumulation_steps: int | None = None,
+    base_model_version: str = SDXL_BASE_MODEL_VERSION,
+    v2: bool = False,
+    session_id: int | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """The `ss_*` training metadata that sd-scripts writes and that UIs (A1111, civitai) display.
+
+    All values are strings, as safetensors requires; unset ones are written as "None" like sd-scripts does, so that
+    readers find every usual key. `extra` adds or overrides keys verbatim (e.g. `ss_clip_skip`, `modelspec.*`).
+    """
+    meta: dict[str, Any] = {
+        "ss_session_id": session_id if session_id is not None else int.from_bytes(os.urandom(4), "little") >> 1,
+        "ss_training_started_at": training_started_at if training_started_at is not None else time.time(),
+        "ss_output_name": output_name,
+        "ss_learning_rate": learning_rate,
+        "ss_text_encoder_lr": list(text_encoder_lr) if isinstance(text_encoder_lr, (list, tuple)) else text_encoder_lr,
+        "ss_unet_lr": unet_lr,
+        "ss_num_train_images": num_train_images,
+        "ss_num_reg_images": num_reg_images,
+        "ss_num_batches_per_epoch": num_batches_per_epoch,
+        "ss_num_epochs": num_epochs,
+        "ss_gradient_checkpointing": gradient_checkpointing,
+        "ss_gradient_accumulation_steps": gradient_accumulation_steps,
+        "ss_max_train_steps": max_train_steps,
+        "ss_lr_scheduler": lr_scheduler,
+        "ss_network_module": network_module,
+        "ss_network_dim": network_dim,
+        "ss_network_alpha": network_alpha,
+        "ss_network_dropout": network_dropout,
+        "ss_mixed_precision": mixed_precision,
+        "ss_v2": bool(v2),
+        "ss_base_model_version": base_model_version,
+        "ss_seed": seed,
+        "ss_optimizer": optimizer,
+        "ss_resolution": tuple(resolution) if resolution is not None else None,
+    }
+    if network_args:
+        meta["ss_network_args"] = json.dumps({k: str(v) for k, v in network_args.items()})
+    out = {k: str(v) for k, v in meta.items()}
+    out.update(_metadata_strings(extra))
+    return out
+
+
+def ss_metadata_for_save(metadata: Mapping[str, str], *, steps: int, epoch: int) -> dict[str, str]:
+    """A copy with the per-save keys sd-scripts updates at each checkpoint (finish time, step, epoch)."""
+    out = dict(metadata)
+    out.update({"ss_training_finished_at": str(time.time()), "ss_steps": str(steps), "ss_epoch": str(epoch)})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The network
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadInfo:
+    """What `load_weights` matched: printed by the trainer, so it reads as one line."""
+
+    loaded: int
+    missing: list[str] = field(default_factory=list)  # modules of this network absent from the file
+    unexpected: list[str] = field(default_factory=list)  # modules in the file that this network does not have
+
+    def __str__(self) -> str:
+        def few(names: list[str]) -> str:
+            return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+
+        text = f"{self.loaded} modules loaded"
+        if self.missing:
+            text += f"; {len(self.missing)} not in the file: {few(self.missing)}"
+        if self.unexpected:
+            text += f"; {len(self.unexpected)} in the file but not in this network: {few(self.unexpected)}"
+        return text
+
+
+def _module_names(keys: Iterable[str]) -> list[str]:
+    return sorted({kn.split_key(k)[0] for k in keys})
+
+
+class LoRANetwork(nn.Module):
+    """All LoRA modules of one SDXL model (both text encoders and the U-Net), in sd-scripts' network interface.
+
+    Modules are registered under their published names, so `state_dict()` is exactly the file layout.
+    `modules_dim` / `modules_alpha` (from a file) restrict the network to those modules with those ranks.
+    """
+
+    def __init__(
+        self,
+        text_encoders: Any,
+        unet: nn.Module | None,
+        multiplier: float = 1.0,
+        lora_dim: int = 4,
+        alpha: float = 1.0,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+        conv_lora_dim: int | None = None,
+        conv_alpha: float | None = None,
+        modules_dim: Mapping[str, int] | None = None,
+        modules_alpha: Mapping[str, float] | None = None,
+        loraplus_lr_ratio: float | None = None,
+        loraplus_unet_lr_ratio: float | None = None,
+        loraplus_text_encoder_lr_ratio: float | None = None,
+    ):
+        super().__init__()
+        self.multiplier = float(multiplier)
+        self.lora_dim = int(lora_dim)
+        self.alpha = float(alpha)
+        self.conv_lora_dim = int(conv_lora_dim) if conv_lora_dim else None
+        self.conv_alpha = float(conv_alpha) if conv_alpha is not None else None
+        self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.loraplus_unet_lr_ratio = loraplus_unet_lr_ratio
+        self.loraplus_text_encoder_lr_ratio = loraplus_text_encoder_lr_ratio
+
+        tes = _text_encoder_list(text_encoders)
+        include_conv = modules_dim is not None or self.conv_lora_dim is not None
+        te_targets, unet_targets = collect_targets(tes, unet, include_conv)
+        self.text_encoder_loras: list[LoRAModule] = self._make_modules(te_targets, modules_dim, modules_alpha)
+        self.unet_loras: list[LoRAModule] = self._make_modules(unet_targets, modules_dim, modules_alpha)
+        self.unmatched_names: list[str] = []
+        if modules_dim is not None:
+            made = {m.lora_name for m in self.text_encoder_loras + self.unet_loras}
+            self.unmatched_names = sorted(set(modules_dim) - made)
+        for lora in self.text_encoder_loras + self.unet_loras:
+            self.add_module(lora.lora_name, lora)
+        logger.info("LoRA: %d text-encoder modules, %d U-Net modules", len(self.text_encoder_loras),
+                    len(self.unet_loras))
+
+    def _make_modules(
+        self,
+        targets: list[LoRATarget],
+        modules_dim: Mapping[str, int] | None,
+        modules_alpha: Mapping[str, float] | None,
+    ) -> list[LoRAModule]:
+        loras = []
+        for t in targets:
+            if modules_dim is not None:
+                if t.name not in modules_dim:
+                    continue
+                dim = modules_dim[t.name]
+                alpha = (modules_alpha or {}).get(t.name, dim)
+            elif t.is_conv_kxk:
+                if not self.conv_lora_dim:
+                    continue
+                dim, alpha = self.conv_lora_dim, self.conv_alpha
+            else:
+                dim, alpha = self.lora_dim, self.alpha
+            if not dim:
+                continue
+            loras.append(LoRAModule(t.name, t.module, self.multiplier, dim, alpha, self.dropout, self.rank_dropout,
+                                    self.module_dropout))
+        return loras
+
+    @property
+    def loras(self) -> list[LoRAModule]:
+        return self.text_encoder_loras + self.unet_loras
+
+    # ---- applying ----------------------------------------------------------------------------------------------
+
+    def apply_to(self, text_encoders: Any = None, unet: Any = None, apply_text_encoder: bool = True,
+                 apply_unet: bool = True) -> None:
+        """Hook the modules into the models they were built from; modules not applied are dropped (not saved)."""
+        if not apply_text_encoder:
+            self._drop(self.text_encoder_loras)
+            self.text_encoder_loras = []
+        if not apply_unet:
+            self._drop(self.unet_loras)
+            self.unet_loras = []
+        for lora in self.loras:
+            lora.apply_to()
+
+    def _drop(self, loras: list[LoRAModule]) -> None:
+        for lora in loras:
+            lora.restore()
+            delattr(self, lora.lora_name)
+
+    def restore(self) -> None:
+        """Unhook every module: the models behave as if the network never existed."""
+        for lora in self.loras:
+            lora.restore()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = float(multiplier)
+        for lora in self.loras:
+            lora.multiplier = self.multiplier
+
+    def is_mergeable(self) -> bool:
+        return True
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Nothing to do: the modules run inside the base model's (checkpointed) blocks."""
+
+    def prepare_grad_etc(self, text_encoder: Any, unet: Any) -> None:
+        self.requires_grad_(True)
+
+    def on_epoch_start(self, text_encoder: Any, unet: Any) -> None:
+        self.train()
+
+    def on_step_start(self, text_encoder: Any, unet: Any) -> None:
+        """Nothing to do per step (kept for the trainer's hook)."""
+
+    def get_trainable_params(self) -> Iterable[nn.Parameter]:
+        return self.parameters()
+
+    # ---- optimizer ---------------------------------------------------------------------------------------------
+
+    def prepare_optimizer_params(
+        self,
+        text_encoder_lr: float | Sequence[float] | None,
+        unet_lr: float | None,
+        default_lr: float | None,
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        """Parameter groups per text encoder and for the U-Net, with LoRA+ groups for `lora_up` when enabled.
+
+        `text_encoder_lr` may be one value or one per text encoder; a missing value falls back to `default_lr`, and a
+        group whose learning rate ends up 0 or None is left out (frozen), as in sd-scripts.
+        """
+        if text_encoder_lr is None or (isinstance(text_encoder_lr, (list, tuple)) and len(text_encoder_lr) == 0):
+            te_lrs: list[float | None] = [default_lr]
+        elif isinstance(text_encoder_lr, (list, tuple)):
+            te_lrs = list(text_encoder_lr)
+        else:
+            te_lrs = [text_encoder_lr]
+        unet_lr = default_lr if unet_lr is None else unet_lr
+
+        groups: list[dict[str, Any]] = []
+        descriptions: list[str] = []
+
+        def add(loras: list[LoRAModule], lr: float | None, plus_ratio: float | None, description: str) -> None:
+            plain = [p for lora in loras for n, p in lora.named_parameters() if plus_ratio is None or "lora_up" not in n]
+            plus = [p for lora in loras for n, p in lora.named_parameters() if plus_ratio is not None and "lora_up" in n]
+            for params, factor, suffix in ((plain, 1.0, ""), (plus, plus_ratio, " plus")):
+                if not params or lr is None or lr == 0:
+                    continue
+                groups.append({"params": params, "lr": lr * factor})
+                descriptions.append(description + suffix)
+
+        te_ratio = self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio
+        by_prefix: dict[str, list[LoRAModule]] = {}
+        for lora in self.text_encoder_loras:
+            by_prefix.setdefault(lora.lora_name.split("_")[1], []).append(lora)  # te, te1, te2
+        for i, prefix in enumerate(sorted(by_prefix)):
+            lr = te_lrs[i] if i < len(te_lrs) else te_lrs[0]
+            lr = default_lr if lr is None else lr
+            label = "textencoder" if prefix == "te" else f"textencoder {prefix[2:]}"
+            add(by_prefix[prefix], lr, te_ratio, label)
+        add(self.unet_loras, unet_lr, self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio, "unet")
+        return groups, descriptions
+
+    @torch.no_grad()
+    def apply_max_norm_regularization(self, max_norm_value: float, device: torch.device | str) -> tuple[int, float, float]:
+        """Scale down modules whose update norm exceeds `max_norm_value` (sd-scripts' --scale_weight_norms).
+
+        Returns (modules scaled, mean norm after scaling, max norm after scaling).
+        """
+        scaled, norms = 0, []
+        for lora in self.loras:
+            norm = lora.delta_weight().to(device).norm().clamp(min=max_norm_value / 2)
+            desired = norm.clamp(max=max_norm_value)
+            ratio = (desired / norm).item()
+            if ratio != 1.0:
+                scaled += 1
+                root = math.sqrt(ratio)
+                lora.lora_down.weight.mul_(root)
+                lora.lora_up.weight.mul_(root)
+            norms.append(norm.item() * ratio)
+        if not norms:
+            return 0, 0.0, 0.0
+        return scaled, sum(norms) / len(norms), max(norms)
+
+    # ---- weights -----------------------------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Accept both spellings of text-encoder names (transformers 4 and 5)."""
+        return super().load_state_dict(kn.normalize_state_dict(state_dict), strict=strict, assign=assign)
+
+    def load_weights(self, file: str | os.PathLike | Mapping[str, torch.Tensor], strict: bool = False) -> LoadInfo:
+        """Load a kohya file (or state dict) into this network.
+
+        A shape mismatch always fails with the module name; modules present on one side only are reported (and fail
+        with `strict=True`): e.g. a file with text-encoder modules loaded into a U-Net-only network.
+        """
+        source = "state dict" if isinstance(file, Mapping) else os.fspath(file)
+        sd = dict(file) if isinstance(file, Mapping) else load_weights_file(file)[0]
+        sd = kn.normalize_state_dict(sd)
+        own = self.state_dict()
+        for key, value in sd.items():
+            if key in own and tuple(own[key].shape) != tuple(value.shape):
+                raise ModelLoadError(
+                    f"{source}: '{key}' has shape {tuple(value.shape)}, this network expects {tuple(own[key].shape)} "
+                    "(different network_dim / conv_dim?)"
+                )
+        result = super().load_state_dict(sd, strict=False)
+        info = LoadInfo(
+            loaded=len(set(_module_names(own)) - set(_module_names(result.missing_keys))),
+            missing=_module_names(result.missing_keys),
+            unexpected=_module_names(result.unexpected_keys),
+        )
+        if info.missing or info.unexpected:
+            if strict:
+                raise ModelLoadError(f"{source}: the file does not match this network: {info}")
+            logger.warning("%s: %s", source, info)
+        return info
+
+    def save_weights(self, file: str | os.PathLike, dtype: torch.dtype | None = None,
+                     metadata: Mapping[str, Any] | None = None) -> None:
+        """Write `<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` (atomically)."""
+        sd = {k: v.detach().to("cpu", dtype or v.dtype).clone() for k, v in self.state_dict().items()}
+        save_state_dict_file(sd, file, metadata)
+
+    @torch.no_grad()
+    def merge_to(self, text_encoders: Any = None, unet: Any = None,
+                 weights_sd: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> int:
+        """Merge the update of every module into its base layer's weight; returns the number of modules merged.
+
+        With `weights_sd`, only the modules named in it are loaded and merged. Merged modules are unhooked, so the
+        model's output is the same as with the network applied (up to rounding in the base weights' dtype).
+        `dtype` is accepted for sd-scripts compatibility; merging always computes in float32.
+        """
+        if weights_sd is not None:
+            weights_sd = kn.normalize_state_dict(weights_sd)
+            self.load_weights(weights_sd)
+            names = set(_module_names(weights_sd))
+            loras = [lora for lora in self.loras if lora.lora_name in names]
+        else:
+            loras = self.loras
+        for lora in loras:
+            lora.merge_into_org(self.multiplier, device)
+        return len(loras)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# sd-scripts' module-level entry points
+# --------------------------------------------------------------------------------------------------------------------
+
+_FLOAT_ARGS = ("conv_alpha", "rank_dropout", "module_dropout", "dropout", "loraplus_lr_ratio",
+               "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+_INT_ARGS = ("conv_dim",)
+_UNSUPPORTED_ARGS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
+                     "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")
+
+
+def _parse_network_args(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Typed values of `--network_args key=value` strings; a bad value names the argument."""
+    out: dict[str, Any] = {}
+    for key, raw in kwargs.items():
+        if raw is None:
+            continue
+        if key in _UNSUPPORTED_ARGS:
+            raise ConfigError(f"'{key}' (block-wise LoRA) is not supported by {NETWORK_MODULE}", table="--network_args",
+                              key=key)
+        if key in _INT_ARGS or key in _FLOAT_ARGS:
+            try:
+                value = float(raw)
+                if key in _INT_ARGS:
+                    if value != int(value):
+                        raise ValueError
+                    value = int(value)
+            except (TypeError, ValueError):
+                kind = "an integer" if key in _INT_ARGS else "a number"
+                raise ConfigError(f"expected {kind}, got {raw!r}", table="--network_args", key=key) from None
+            if key.endswith("dropout") and not 0.0 <= value < 1.0:
+                raise ConfigError(f"expected a probability in [0, 1), got {raw!r}", table="--network_args", key=key)
+            out[key] = value
+        else:
+            logger.warning("--network_args: '%s' is not used by %s", key, NETWORK_MODULE)
+    return out
+
+
+def create_network(
+    multiplier: float,
+    network_dim: int | None,
+    network_alpha: float | None,
+    vae: Any,
+    text_encoder: Any,
+    unet: nn.Module,
+    neuron_dropout: float | None = None,
+    **kwargs: Any,
+) -> LoRANetwork:
+    """A fresh network (sd-scripts' entry point). `kwargs` are `--network_args` strings: conv_dim, conv_alpha,
+    rank_dropout, module_dropout, loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio."""
+    args = _parse_network_args(kwargs)
+    network_dim = 4 if network_dim is None else int(network_dim)
+    network_alpha = 1.0 if network_alpha is None else float(network_alpha)
+    conv_dim = args.get("conv_dim")
+    conv_alpha = args.get("conv_alpha", 1.0 if conv_dim else None)
+    return LoRANetwork(
+        text_encoder, unet, multiplier=multiplier, lora_dim=network_dim, alpha=network_alpha,
+        dropout=neuron_dropout if neuron_dropout is not None else args.get("dropout"),
+        rank_dropout=args.get("rank_dropout"), module_dropout=args.get("module_dropout"),
+        conv_lora_dim=conv_dim, conv_alpha=conv_alpha,
+        loraplus_lr_ratio=args.get("loraplus_lr_ratio"),
+        loraplus_unet_lr_ratio=args.get("loraplus_unet_lr_ratio"),
+        loraplus_text_encoder_lr_ratio=args.get("loraplus_text_encoder_lr_ratio"),
+    )
+
+
+def create_network_from_weights(
+    multiplier: float,
+    file: str | os.PathLike | None,
+    vae: Any,
+    text_encoder: Any,
+    unet: nn.Module,
+    weights_sd: Mapping[str, torch.Tensor] | None = None,
+    for_inference: bool = False,
+    **kwargs: Any,
+) -> tuple[LoRANetwork, dict[str, torch.Tensor]]:
+    """A network shaped like a kohya file: its modules, ranks and alphas. Returns (network, normalised weights).
+
+    The weights are returned with published names (transformers-5 text-encoder names rewritten), ready for
+    `network.load_state_dict` after `apply_to`. Nothing is loaded into the network here (as in sd-scripts).
+    """
+    if weights_sd is None:
+        if file is None:
+            raise ModelLoadError("create_network_from_weights needs a file or weights_sd")
+        weights_sd = load_weights_file(file)[0]
+    source = os.fspath(file) if file is not None else "LoRA state dict"
+    weights_sd = kn.normalize_state_dict(weights_sd)
+    modules_dim, modules_alpha = kn.infer_dims_and_alphas(weights_sd)
+    if not modules_dim:
+        raise ModelLoadError(f"{source}: no '*.{KEY_DOWN}' tensors: not a kohya LoRA file")
+    args = _parse_network_args(kwargs)
+    network = LoRANetwork(
+        text_encoder, unet, multiplier=multiplier, modules_dim=modules_dim, modules_alpha=modules_alpha,
+        dropout=None if for_inference else args.get("dropout"),
+        rank_dropout=None if for_inference else args.get("rank_dropout"),
+        module_dropout=None if for_inference else args.get("module_dropout"),
+    )
+    if network.unmatched_names:
+        if not network.loras:
+            raise ModelLoadError(
+                f"{source}: none of its {len(modules_dim)} modules exist in this model (not an SDXL LoRA?), "
+                f"e.g. {network.unmatched_names[0]}"
+            )
+        logger.warning("%s: %d modules have no matching layer and are ignored, e.g. %s", source,
+                       len(network.unmatched_names), ", ".join(network.unmatched_names[:3]))
+    # Record the dominant linear / conv ranks, for metadata and for continuing training with the same settings.
+    lin = [m for m in network.unet_loras + network.text_encoder_loras if m.lora_down.weight.dim() == 2
+           or m.lora_down.weight.shape[2:] == (1, 1)]
+    conv = [m for m in network.unet_loras if m.lora_down.weight.dim() == 4 and m.lora_down.weight.shape[2:] != (1, 1)]
+    if lin:
+        network.lora_dim, network.alpha = lin[0].lora_dim, float(lin[0].alpha)
+    if conv:
+        network.conv_lora_dim, network.conv_alpha = conv[0].lora_dim, float(conv[0].alpha)
+    return network, weights_sd
+
+
+def merge_lora_state_dict_into(
+    text_encoders: Any,
+    unet: nn.Module,
+    weights_sd: Mapping[str, torch.Tensor],
+    multiplier: float = 1.0,
+    device: torch.device | str | None = None,
+) -> int:
+    """Merge a kohya LoRA state dict into the models' weights (generation's --network_merge); returns modules merged."""
+    network, sd = create_network_from_weights(multiplier, None, None, text_encoders, unet, weights_sd=weights_sd,
+                                              for_inference=True)
+    return network.merge_to(text_encoders, unet, sd, device=device)
+
+
+__all__ = [
+    "LoRAModule", "LoRANetwork", "LoadInfo", "LoRATarget", "build_ss_metadata", "collect_targets",
+    "create_network", "create_network_from_weights", "find_targets", "load_weights_file",
+    "merge_lora_state_dict_into", "precalculate_safetensors_hashes", "save_state_dict_file", "ss_metadata_for_save",
+]

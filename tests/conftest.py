@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny SDXL models in both on-disk formats and small generated datasets, built once per session."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_file(tmp_path_factory) -> str:
+    from library.models.tiny import save_tiny_sdxl
+
+    path = tmp_path_factory.mktemp("models") / "tiny_sdxl.safetensors"
+    save_tiny_sdxl(str(path), "single_file", seed=0)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_folder(tmp_path_factory) -> str:
+    from library.models.tiny import save_tiny_sdxl
+
+    path = tmp_path_factory.mktemp("models") / "tiny_sdxl_diffusers"
+    save_tiny_sdxl(str(path), "diffusers", seed=0)
+    return str(path)
+
+
+def write_toml(path: Path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def run_script(script: str, *args: str, cwd: str | Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a repo script as users do: a subprocess with the repo's Python."""
+    cmd = [sys.executable, str(REPO / script), *args]
+    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    return subprocess.run(cmd, cwd=str(cwd or REPO), env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def shapes_dataset(tmp_path) -> dict:
+    """A 4-image dataset of two aspect ratios, with conditioning images, and its TOML config."""
+    from library.data.synthetic import make_shapes_dataset
+
+    img = tmp_path / "images"
+    cond = tmp_path / "cond"
+    make_shapes_dataset(str(img), 4, sizes=[(64, 64), (96, 64)], seed=0, conditioning_dir=str(cond))
+    cfg = write_toml(tmp_path / "dataset.toml", f"""
+[general]
+caption_extension = ".txt"
+enable_bucket = true
+min_bucket_reso = 32
+max_bucket_reso = 128
+bucket_reso_steps = 32
+
+[[datasets]]
+resolution = 64
+batch_size = 2
+
+  [[datasets.subsets]]
+  image_dir = '{img}'
+  num_repeats = 1
+""")
+    cn_cfg = write_toml(tmp_path / "dataset_cn.toml", f"""
+[general]
+caption_extension = ".txt"
+
+[[datasets]]
+resolution = 64
+batch_size = 2
+
+  [[datasets.subsets]]
+  image_dir = '{img}'
+  conditioning_data_dir = '{cond}'
+""")
+    return {"image_dir": str(img), "cond_dir": str(cond), "config": cfg, "cn_config": cn_cfg, "root": tmp_path}

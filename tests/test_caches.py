@@ -1,0 +1,307 @@
+"""Latent and text-encoder caches on the safetensors storage layer: reuse without pixel loading, rebuilds of stale
+or corrupt files, atomic writes, refusals of incompatible augmentations."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import library.data.dataset as dataset_module
+from library.cache import storage
+from library.cache.latents import LatentCache, latent_cache_path
+from library.cache.storage import CacheCorrupt, load_tensors, read_metadata, save_tensors_atomic
+from library.cache.text_outputs import TextOutputCache, check_compatible
+from library.data.dataset import TrainDataset
+from library.data.types import DatasetConfig, ImageRecord, SubsetConfig
+from library.errors import ConfigError
+
+SIZES = [(64, 64), (128, 40), (40, 128), (70, 66)]
+
+
+def write_png(path, w, h, seed=0, mode="RGB"):
+    arr = np.random.default_rng(seed).integers(0, 255, (h, w, 4 if mode == "RGBA" else 3), dtype=np.uint8)
+    Image.fromarray(arr, mode).save(path)
+    return str(path)
+
+
+def make_dataset(tmp_path, seed=0, **subset_kw) -> TrainDataset:
+    d = tmp_path / "img"
+    d.mkdir(exist_ok=True)
+    records = []
+    for i, (w, h) in enumerate(SIZES):
+        path = d / f"{i}.png"
+        if not path.exists():
+            write_png(path, w, h, seed=i)
+        records.append(ImageRecord(str(path), f"caption {i}", 0))
+    sub = SubsetConfig(table="datasets[0].subsets[0]", image_dir=str(d), **subset_kw)
+    cfg = DatasetConfig(table="datasets[0]", kind="dreambooth", resolution=(64, 64), batch_size=2,
+                        enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32,
+                        subsets=[sub])
+    return TrainDataset(cfg, [records], seed=seed)
+
+
+class FakeEncoder:
+    """8x average pooling to 4 channels: deterministic, shape-faithful, and it counts the images it sees."""
+
+    def __init__(self):
+        self.images_seen = 0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self.images_seen += images.shape[0]
+        pooled = F.avg_pool2d(images, 8)
+        return torch.cat([pooled, pooled.mean(1, keepdim=True)], dim=1)
+
+
+def forbid_pixel_loading(monkeypatch):
+    """From here on, any image decode in the dataset fails: proves that a step reads no pixels."""
+    def refuse(*a, **k):
+        raise AssertionError("image pixels were loaded")
+    monkeypatch.setattr(dataset_module, "load_image", refuse)
+
+
+# ---- storage ----------------------------------------------------------------------------------------------------
+
+def test_storage_roundtrip_and_no_temp_files(tmp_path):
+    path = tmp_path / "sub" / "x.safetensors"
+    save_tensors_atomic(str(path), {"a": torch.arange(6.0).view(2, 3)}, {"k": "v"})
+    save_tensors_atomic(str(path), {"a": torch.ones(2)}, {"k": "w"})  # overwrite in place
+    tensors, meta = load_tensors(str(path))
+    assert torch.equal(tensors["a"], torch.ones(2)) and meta == {"k": "w"}
+    assert read_metadata(str(path)) == {"k": "w"}
+    assert os.listdir(path.parent) == ["x.safetensors"]
+
+
+def test_storage_failed_write_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "x.safetensors"
+    save_tensors_atomic(str(path), {"a": torch.zeros(3)}, {"v": "1"})
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(storage, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_tensors_atomic(str(path), {"a": torch.ones(3)}, {"v": "2"})
+    assert os.listdir(tmp_path) == ["x.safetensors"]
+    assert load_tensors(str(path))[1] == {"v": "1"}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_storage_corrupt_detected(tmp_path, damage):
+    path = tmp_path / "x.safetensors"
+    save_tensors_atomic(str(path), {"a": torch.randn(64)}, {"k": "v"})
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[:-10], "garbage": b"\x05" * 100, "empty": b""}[damage])
+    with pytest.raises(CacheCorrupt, match="x.safetensors"):
+        load_tensors(str(path))
+
+
+# ---- latents ----------------------------------------------------------------------------------------------------
+
+def test_latent_disk_cache_reused_without_pixels(tmp_path, monkeypatch):
+    ds = make_dataset(tmp_path, flip_aug=True)
+    enc = FakeEncoder()
+    cache = LatentCache("fake-vae", "disk")
+    assert cache.ensure(ds, enc, batch_size=2, progress=False) == len(SIZES)
+    assert enc.images_seen == 2 * len(SIZES)  # plain + flipped
+    for item in ds.items:
+        path = latent_cache_path(item)
+        assert os.path.dirname(path) == os.path.dirname(item.record.path)
+        assert path.endswith(f"_{item.bucket[0]}x{item.bucket[1]}.latents.safetensors")
+        meta = read_metadata(path)
+        assert meta["encoder_id"] == "fake-vae" and meta["flip_included"] == "true"
+        assert meta["bucket"] == "%dx%d" % item.bucket
+    pixels_expected = {i: ds.load_item_pixels(i)[0] for i in range(len(ds.items))}
+
+    # a fresh run: new dataset and cache objects, no pixels may be decoded
+    forbid_pixel_loading(monkeypatch)
+    ds2 = make_dataset(tmp_path, flip_aug=True)
+    cache2 = LatentCache("fake-vae", "disk")
+    enc2 = FakeEncoder()
+    assert cache2.ensure(ds2, enc2, batch_size=2, progress=False) == 0 and enc2.images_seen == 0
+    ds2.attach_latent_cache(cache2)
+    for epoch in range(3):
+        for b in ds2.epoch_batches(epoch):
+            batch = ds2.load_batch(b, epoch)
+            bw, bh = ds2.items[b[0]].bucket
+            assert batch.images is None and batch.latents.shape == (len(b), 4, bh // 8, bw // 8)
+            for row, (i, flipped) in enumerate(zip(b, batch.flipped)):
+                px = pixels_expected[i]
+                want = FakeEncoder()((px.flip(-1) if flipped else px)[None])[0]
+                assert torch.allclose(batch.latents[row], want, atol=1e-6)
+            assert batch.captions and batch.original_sizes and batch.crop_top_lefts
+
+
+def test_stale_cache_rebuilt_after_image_changes(tmp_path):
+    ds = make_dataset(tmp_path)
+    cache = LatentCache("fake-vae", "disk")
+    cache.ensure(ds, FakeEncoder(), 2, progress=False)
+    changed = ds.items[1].record.path
+    write_png(changed, *SIZES[1], seed=99)
+    st = os.stat(changed)
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
+    enc = FakeEncoder()
+    ds = make_dataset(tmp_path)
+    assert LatentCache("fake-vae", "disk").ensure(ds, enc, 2, progress=False) == 1
+    cache = LatentCache("fake-vae", "disk")
+    assert cache.ensure(ds, enc, 2, progress=False) == 0
+    new = cache.get(1, False)
+    assert torch.allclose(new, FakeEncoder()(ds.load_item_pixels(1)[0][None])[0], atol=1e-6)
+    # another encoder identity invalidates every file
+    assert LatentCache("other-vae", "disk").ensure(ds, FakeEncoder(), 2, progress=False) == len(SIZES)
+
+
+def test_flip_needed_later_rebuilds(tmp_path):
+    cache = LatentCache("fake-vae", "disk")
+    cache.ensure(make_dataset(tmp_path), FakeEncoder(), 2, progress=False)
+    assert LatentCache("fake-vae", "disk").ensure(make_dataset(tmp_path, flip_aug=True), FakeEncoder(), 2,
+                                                  progress=False) == len(SIZES)
+    # a cache holding more than needed (flipped latents) is still valid without flip_aug
+    assert LatentCache("fake-vae", "disk").ensure(make_dataset(tmp_path), FakeEncoder(), 2, progress=False) == 0
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[: len(b) // 2], lambda b: b"junk"])
+def test_corrupt_latent_file_rebuilt(tmp_path, damage):
+    ds = make_dataset(tmp_path)
+    LatentCache("fake-vae", "disk").ensure(ds, FakeEncoder(), 2, progress=False)
+    path = latent_cache_path(ds.items[2])
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(damage(data))
+    cache = LatentCache("fake-vae", "disk")
+    assert cache.ensure(ds, FakeEncoder(), 2, progress=False) == 1
+    assert cache.get(2, False).shape[0] == 4
+    assert not [n for n in os.listdir(os.path.dirname(path)) if n.startswith(".tmp")]
+
+
+def test_memory_cache(tmp_path):
+    ds = make_dataset(tmp_path, flip_aug=True)
+    cache = LatentCache("fake-vae", "memory")
+    assert cache.ensure(ds, FakeEncoder(), 3, progress=False) == len(SIZES)
+    assert cache.ensure(ds, FakeEncoder(), 3, progress=False) == 0
+    assert not [n for n in os.listdir(tmp_path / "img") if n.endswith(".safetensors")]
+    assert torch.allclose(cache.get(0, True), FakeEncoder()(ds.load_item_pixels(0)[0].flip(-1)[None])[0])
+
+
+def test_latent_cache_keeps_alpha_mask(tmp_path, monkeypatch):
+    d = tmp_path / "img"
+    d.mkdir()
+    arr = np.full((64, 64, 4), 90, np.uint8)
+    arr[:, :, 3] = 0
+    arr[:, :16, 3] = 255
+    Image.fromarray(arr, "RGBA").save(d / "0.png")
+    for i, (w, h) in enumerate(SIZES[1:], start=1):
+        write_png(d / f"{i}.png", w, h, seed=i)
+    ds = make_dataset(tmp_path, alpha_mask=True, flip_aug=True)
+    LatentCache("fake-vae", "disk").ensure(ds, FakeEncoder(), 2, progress=False)
+
+    forbid_pixel_loading(monkeypatch)
+    cache = LatentCache("fake-vae", "disk")
+    assert cache.ensure(ds, FakeEncoder(), 2, progress=False) == 0
+    ds.attach_latent_cache(cache)
+    for epoch in range(4):
+        batch = ds.load_batch([0], epoch)
+        cols = slice(48, 64) if batch.flipped[0] else slice(0, 16)
+        assert batch.alpha_masks.shape == (1, 64, 64)
+        assert torch.all(batch.alpha_masks[0, :, cols] == 1) and batch.alpha_masks.sum() == 64 * 16
+
+
+@pytest.mark.parametrize("key", ["random_crop", "color_aug"])
+def test_latent_cache_refuses_per_epoch_pixels(tmp_path, key):
+    ds = make_dataset(tmp_path, **{key: True})
+    with pytest.raises(ConfigError, match=rf"datasets\[0\]\.subsets\[0\].*{key}"):
+        LatentCache("fake-vae", "disk").ensure(ds, FakeEncoder(), 2, progress=False)
+
+
+def test_tiny_vae_latents(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from library.models.tiny_configs import TINY_SDXL_VAE
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**TINY_SDXL_VAE).eval()
+
+    def encode(images):
+        return vae.encode(images).latent_dist.mode() * vae.config.scaling_factor
+
+    ds = make_dataset(tmp_path)
+    cache = LatentCache("tiny-sdxl-vae", "memory")
+    cache.ensure(ds, encode, batch_size=2, progress=False)
+    ds.attach_latent_cache(cache)
+    for b in ds.epoch_batches(0):
+        batch = ds.load_batch(b, 0)
+        bw, bh = ds.items[b[0]].bucket
+        assert batch.latents.shape == (len(b), 4, bh // 8, bw // 8)
+        with torch.no_grad():
+            direct = encode(torch.stack([ds.load_item_pixels(i)[0] for i in b]))
+        assert torch.allclose(batch.latents, direct, atol=1e-4)
+
+
+# ---- text-encoder outputs ---------------------------------------------------------------------------------------
+
+class FakeTextEncoder:
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    def __call__(self, captions):
+        self.calls.append(list(captions))
+        lengths = torch.tensor([float(len(c)) for c in captions])
+        return {"hidden": lengths[:, None, None].expand(-1, 3, 4).clone(), "pooled": lengths[:, None] * 2}
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_text_cache(tmp_path, mode):
+    captions = ["a cat", "a dog", "a cat", "", "a long caption here"]
+    enc = FakeTextEncoder()
+    cache = TextOutputCache("te-1", mode, cache_dir=str(tmp_path / "te") if mode == "disk" else None)
+    assert cache.ensure(captions, enc, batch_size=2, progress=False) == 4
+    assert sorted(c for call in enc.calls for c in call) == sorted({*captions})
+    out = cache.get("a dog")
+    assert out["hidden"].shape == (3, 4) and float(out["pooled"]) == 10.0
+    assert float(cache.get("")["pooled"]) == 0.0
+    assert cache.ensure(captions, enc, batch_size=2, progress=False) == 0
+    with pytest.raises(KeyError, match="never seen"):
+        cache.get("never seen")
+
+
+def test_text_disk_cache_reuse_and_corruption(tmp_path):
+    cache_dir = str(tmp_path / "te")
+    TextOutputCache("te-1", "disk", cache_dir).ensure(["x", "y"], FakeTextEncoder(), 8, progress=False)
+    again = TextOutputCache("te-1", "disk", cache_dir)
+    enc = FakeTextEncoder()
+    assert again.ensure(["x", "y"], enc, 8, progress=False) == 0 and enc.calls == []
+    assert read_metadata(again.path_for("x")) == {"format_version": "1", "encoder_id": "te-1", "caption": "x"}
+    with open(again.path_for("y"), "wb") as f:
+        f.write(b"broken")
+    assert again.ensure(["x", "y"], enc, 8, progress=False) == 1 and enc.calls == [["y"]]
+    other = TextOutputCache("te-2", "disk", cache_dir)
+    assert other.path_for("x") != again.path_for("x")
+    assert other.ensure(["x"], FakeTextEncoder(), 8, progress=False) == 1
+    assert not [n for n in os.listdir(cache_dir) if n.startswith(".tmp")]
+
+
+def test_text_cache_refuses_caption_ops():
+    ok = SubsetConfig(table="datasets[0].subsets[0]", caption_prefix="photo of")
+    check_compatible([ok])
+    for key, value in [("shuffle_caption", True), ("caption_dropout_rate", 0.1),
+                       ("caption_tag_dropout_rate", 0.2), ("caption_dropout_every_n_epochs", 3)]:
+        bad = SubsetConfig(table="datasets[1].subsets[2]", **{key: value})
+        with pytest.raises(ConfigError, match=r"datasets\[1\]\.subsets\[2\].*text-encoder"):
+            TextOutputCache.check_compatible([ok, bad])
+
+
+def test_dataset_fixed_captions_feed_text_cache(tmp_path):
+    ds = make_dataset(tmp_path, caption_prefix="photo of")
+    caps = ds.fixed_captions()
+    assert caps == [f"photo of caption {i}" for i in range(len(SIZES))]
+    cache = TextOutputCache("te", "memory")
+    cache.ensure(caps, FakeTextEncoder(), 4, progress=False)
+    for b in ds.epoch_batches(0):
+        for c in ds.load_batch(b, 0).captions:
+            assert cache.get(c)["hidden"].shape == (3, 4)
