@@ -17,6 +17,7 @@ install_requires = [
     "tensorboard>=2.14",
     "numpy>=1.24",
     "pillow>=10",
+    "scipy>=1.10",
 ]
 # Respect an existing torch build (the user's CUDA or CPU choice); only a machine without torch gets the pinned one.
 if importlib.util.find_spec("torch") is None:

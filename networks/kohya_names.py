@@ -66,6 +66,21 @@ def normalize_state_dict(weights_sd: Mapping[str, torch.Tensor]) -> dict[str, to
     return out
 
 
+def fill_missing_alphas(weights_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy where every module has an `alpha`: files without one mean alpha = rank (scale 1)."""
+    out = dict(weights_sd)
+    for key, value in weights_sd.items():
+        name, suffix = split_key(key)
+        if suffix == KEY_DOWN and f"{name}.{KEY_ALPHA}" not in out:
+            out[f"{name}.{KEY_ALPHA}"] = torch.tensor(float(value.shape[0]))
+    return out
+
+
+def prepare_for_loading(weights_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Published names and explicit alphas: what a network's state dict looks like."""
+    return fill_missing_alphas(normalize_state_dict(weights_sd))
+
+
 def infer_dims_and_alphas(weights_sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, int], dict[str, float]]:
     """Rank and alpha of every module in a kohya state dict.
 

@@ -626,7 +626,7 @@ class LoRANetwork(nn.Module):
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Accept both spellings of text-encoder names (transformers 4 and 5)."""
-        return super().load_state_dict(kn.normalize_state_dict(state_dict), strict=strict, assign=assign)
+        return super().load_state_dict(kn.prepare_for_loading(state_dict), strict=strict, assign=assign)
 
     def load_weights(self, file: str | os.PathLike | Mapping[str, torch.Tensor], strict: bool = False) -> LoadInfo:
         """Load a kohya file (or state dict) into this network.
@@ -636,7 +636,7 @@ class LoRANetwork(nn.Module):
         """
         source = "state dict" if isinstance(file, Mapping) else os.fspath(file)
         sd = dict(file) if isinstance(file, Mapping) else load_weights_file(file)[0]
-        sd = kn.normalize_state_dict(sd)
+        sd = kn.prepare_for_loading(sd)
         own = self.state_dict()
         for key, value in sd.items():
             if key in own and tuple(own[key].shape) != tuple(value.shape):
@@ -673,7 +673,7 @@ class LoRANetwork(nn.Module):
         `dtype` is accepted for sd-scripts compatibility; merging always computes in float32.
         """
         if weights_sd is not None:
-            weights_sd = kn.normalize_state_dict(weights_sd)
+            weights_sd = kn.prepare_for_loading(weights_sd)
             self.load_weights(weights_sd)
             names = set(_module_names(weights_sd))
             loras = [lora for lora in self.loras if lora.lora_name in names]
@@ -770,7 +770,7 @@ def create_network_from_weights(
             raise ModelLoadError("create_network_from_weights needs a file or weights_sd")
         weights_sd = load_weights_file(file)[0]
     source = os.fspath(file) if file is not None else "LoRA state dict"
-    weights_sd = kn.normalize_state_dict(weights_sd)
+    weights_sd = kn.prepare_for_loading(weights_sd)
     modules_dim, modules_alpha = kn.infer_dims_and_alphas(weights_sd)
     if not modules_dim:
         raise ModelLoadError(f"{source}: no '*.{KEY_DOWN}' tensors: not a kohya LoRA file")

@@ -49,18 +49,20 @@ def test_two_step_smoke_writes_kohya_lora(tmp_path, tiny_sdxl_file, shapes_datas
     assert list((tmp_path / "logs").rglob("events.out.tfevents.*")), "TensorBoard log missing"
 
 
-def test_flags_override_config_file_and_output_config(tmp_path, tiny_sdxl_file, shapes_dataset):
-    cfg = run_toml(tmp_path, tiny_sdxl_file, shapes_dataset["config"])
+def test_output_config_then_flags_override_it(tmp_path, tiny_sdxl_file, shapes_dataset):
     out_cfg = tmp_path / "written.toml"
-    r = run_script("sdxl_train_network.py", "--config_file", cfg, "--network_dim", "2", "--output_config",
-                   "--config_file", str(out_cfg))
+    r = run_script("sdxl_train_network.py", "--pretrained_model_name_or_path", tiny_sdxl_file,
+                   "--dataset_config", shapes_dataset["config"], "--output_dir", str(tmp_path / "out"),
+                   "--output_name", "lora", "--network_dim", "2", "--max_train_steps", "5",
+                   "--output_config", "--config_file", str(out_cfg))
     assert r.returncode == 0, r.stderr
     text = out_cfg.read_text()
-    assert "network_dim = 2" in text
-    # the written config trains as given, and an explicit flag still wins over it
+    assert "network_dim = 2" in text and "max_train_steps = 5" in text
+    # the written config trains as given, and explicit flags win over it
     r = run_script("sdxl_train_network.py", "--config_file", str(out_cfg), "--max_train_steps", "1",
                    "--network_train_unet_only")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "after 1 steps" in r.stdout
     sd = load_file(str(tmp_path / "out" / "lora.safetensors"))
     down = sd["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight"]
     assert down.shape[0] == 2

@@ -30,8 +30,8 @@ PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
 SDXL_HEAD_DIM = 64
 # What tensor shapes cannot tell, as in the published SDXL base model.
 SDXL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "unet": {"norm_num_groups": 32, "sample_size": 128},
-    "vae": {"norm_num_groups": 32, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+    "unet": {"sample_size": 128},
+    "vae": {"sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
     "te1": {"hidden_act": "quick_gelu", "projection_dim": 768, "bos_token_id": 49406, "eos_token_id": 49407,
             "pad_token_id": 49407},
     "te2": {"hidden_act": "gelu", "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 0},
@@ -120,6 +120,14 @@ def _count(keys, pattern: str) -> int:
     return found[-1] + 1 if found else 0
 
 
+def _fallback_groups(channels: list[int], preferred: int = 32) -> int:
+    """GroupNorm groups when the file does not say: SDXL's 32, or the largest power of two dividing every width."""
+    groups = preferred
+    while groups > 1 and any(c % groups for c in channels):
+        groups //= 2
+    return groups
+
+
 def infer_unet_config(unet: Mapping[str, torch.Tensor], te2_projection_dim: int, meta: dict[str, Any]) -> dict:
     """diffusers UNet2DConditionModel config of an SDXL-layout U-Net state dict."""
     keys = list(unet.keys())
@@ -147,6 +155,7 @@ def infer_unet_config(unet: Mapping[str, torch.Tensor], te2_projection_dim: int,
         "addition_time_embed_dim": (add_in - te2_projection_dim) // 6,
         "projection_class_embeddings_input_dim": add_in,
         **SDXL_DEFAULTS["unet"],
+        "norm_num_groups": _fallback_groups(channels),
     }
     if up_depth != list(reversed(down_depth)):
         config["reverse_transformer_layers_per_block"] = [up_depth[i] for i in range(levels)]
@@ -168,6 +177,7 @@ def infer_vae_config(vae: Mapping[str, torch.Tensor], meta: dict[str, Any]) -> d
         "latent_channels": vae["post_quant_conv.weight"].shape[0],
         **SDXL_DEFAULTS["vae"],
     }
+    config["norm_num_groups"] = _fallback_groups(config["block_out_channels"])  # SDXL: 32
     config.update(meta)
     return config
 
@@ -265,7 +275,10 @@ def load_sdxl_single_file(
         raise ModelLoadError(
             f"{path}: incomplete SDXL checkpoint: cannot infer the model config, key {what!r} (diffusers name) is missing"
         ) from exc
-    models = _empty_models(configs)
+    try:
+        models = _empty_models(configs)
+    except (ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{path}: cannot build SDXL models from the inferred config: {exc}") from exc
     _check_keys(path, file_keys, models)
     try:
         _load_into(models, parts, dtype)

@@ -394,6 +394,7 @@ class PromptSpec:
     crop_top: int | None = None
     crop_left: int | None = None
     filename: str | None = None
+    control_image: str | None = None
     raw: str = ""
     line_no: int | None = None
 
@@ -472,6 +473,7 @@ PROMPT_OPTIONS: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "ct": ("crop_top", _int_value(0), "a crop top (SDXL crop conditioning)"),
     "cl": ("crop_left", _int_value(0), "a crop left (SDXL crop conditioning)"),
     "f": ("filename", str, "an output file name"),
+    "cn": ("control_image", str, "a control (guide) image path for ControlNet-LLLite"),
 }
 
 _OPTION_START_RE = re.compile(r"--([A-Za-z]+)")

@@ -1,0 +1,132 @@
+"""Command-line flags of sdxl_gen_img.py (sd-scripts' names), and their translation into a `GenerationConfig`.
+
+One function per concern adds an argument group, so another generation script can reuse the groups it needs.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from library.errors import UserError
+from library.sample.prompts import PromptSyntaxError, parse_prompt_line, parse_template, read_prompt_file
+from library.sample.schedulers import SAMPLER_NAMES
+from library.sample.sdxl_generate import GenerationConfig, LLLiteSpec, NetworkSpec
+
+DEFAULT_NETWORK_MODULE = "networks.lora"
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--ckpt", "--pretrained_model_name_or_path", dest="ckpt", default=None,
+                   help="SDXL single file (.safetensors) or diffusers folder")
+    g.add_argument("--tokenizer_cache_dir", default=None, help="folder with tokenizer files")
+    g.add_argument("--allow_pickle", action="store_true", help="allow pickled .ckpt/.pt files (unsafe)")
+    g.add_argument("--fp16", action="store_true", help="run the U-Net and text encoders in float16")
+    g.add_argument("--bf16", action="store_true", help="run the models in bfloat16")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--sdpa", action="store_true", help="PyTorch SDPA attention (the default; accepted for sd-scripts)")
+
+
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("prompts")
+    g.add_argument("--prompt", default=None, help="one prompt (the prompt language, options like --n allowed)")
+    g.add_argument("--from_file", default=None, help="prompt file: one prompt per line")
+    g.add_argument("--negative_prompt", default=None, help="negative prompt for lines without --n")
+    g.add_argument("--wildcards", action="append", default=[], metavar="DIR",
+                   help="folder of __name__ wildcard files (repeatable)")
+    g.add_argument("--n_iter", type=int, default=1, help="passes over all prompts")
+    g.add_argument("--images_per_prompt", type=int, default=1, help="images per prompt line and pass")
+
+
+def add_image_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("image")
+    g.add_argument("--W", type=int, default=1024, help="width in pixels (multiple of 8)")
+    g.add_argument("--H", type=int, default=1024, help="height in pixels (multiple of 8)")
+    g.add_argument("--original_width", type=int, default=None, help="SDXL size conditioning (default: --W)")
+    g.add_argument("--original_height", type=int, default=None, help="SDXL size conditioning (default: --H)")
+    g.add_argument("--steps", type=int, default=50, help="denoising steps")
+    g.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
+    g.add_argument("--sampler", default="ddim", help="sampler: " + ", ".join(SAMPLER_NAMES))
+    g.add_argument("--seed", type=int, default=None, help="run seed: image k gets a seed derived from it and k")
+    g.add_argument("--image_path", default=None, help="img2img: init image, or a folder of them (cycled)")
+    g.add_argument("--strength", type=float, default=None, help="img2img strength in [0, 1] (default 0.8)")
+
+
+def add_batch_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("batching and output")
+    g.add_argument("--outdir", required=True, help="folder for the PNGs")
+    g.add_argument("--batch_size", type=int, default=1)
+    g.add_argument("--vae_batch_size", type=int, default=None, help="images per VAE decode (default: the batch)")
+
+
+def add_network_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("networks")
+    g.add_argument("--network_module", nargs="*", default=None, help="module per network (default networks.lora)")
+    g.add_argument("--network_weights", nargs="*", default=None, help="network files")
+    g.add_argument("--network_mul", nargs="*", type=float, default=None, help="multiplier per network")
+    g.add_argument("--network_merge", action="store_true", help="merge networks into the weights")
+    g.add_argument("--control_net_lllite_models", nargs="*", default=None, help="ControlNet-LLLite files")
+    g.add_argument("--control_net_multipliers", nargs="*", type=float, default=None, help="multiplier per LLLite")
+    g.add_argument("--guide_image_path", default=None, help="guide image or folder of them (cycled over images)")
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    for add in (add_model_args, add_prompt_args, add_image_args, add_batch_args, add_network_args):
+        add(p)
+    return p
+
+
+def _per_item(values: Sequence | None, count: int, default, flag: str) -> list:
+    """sd-scripts' per-network lists: one value for all, or one per item."""
+    if not values:
+        return [default] * count
+    if len(values) == 1:
+        return list(values) * count
+    if len(values) != count:
+        raise UserError(f"{flag}: expected 1 or {count} values, got {len(values)}")
+    return list(values)
+
+
+def _prompts(args: argparse.Namespace):
+    if args.prompt is not None and args.from_file is not None:
+        raise UserError("give --prompt or --from_file, not both")
+    if args.from_file is not None:
+        return read_prompt_file(args.from_file)
+    if args.prompt is None:
+        raise UserError("no prompt: give --prompt or --from_file")
+    try:
+        return [parse_prompt_line(args.prompt)]
+    except PromptSyntaxError as exc:
+        raise exc.with_location("--prompt") from None
+
+
+def config_from_args(args: argparse.Namespace) -> GenerationConfig:
+    if not args.ckpt:
+        raise UserError("--ckpt (or --pretrained_model_name_or_path) is required")
+    if args.fp16 and args.bf16:
+        raise UserError("give --fp16 or --bf16, not both")
+    weights = args.network_weights or []
+    modules = _per_item(args.network_module, len(weights), DEFAULT_NETWORK_MODULE, "--network_module")
+    muls = _per_item(args.network_mul, len(weights), 1.0, "--network_mul")
+    lllite_files = args.control_net_lllite_models or []
+    lllite_muls = _per_item(args.control_net_multipliers, len(lllite_files), 1.0, "--control_net_multipliers")
+    negative = None
+    if args.negative_prompt:
+        try:
+            negative = parse_template(args.negative_prompt)
+        except PromptSyntaxError as exc:
+            raise exc.with_location("--negative_prompt") from None
+    return GenerationConfig(
+        model=args.ckpt, outdir=args.outdir, prompts=_prompts(args), negative_prompt=negative,
+        width=args.W, height=args.H, original_width=args.original_width, original_height=args.original_height,
+        steps=args.steps, scale=args.scale, seed=args.seed, n_iter=args.n_iter,
+        images_per_prompt=args.images_per_prompt, batch_size=args.batch_size, vae_batch_size=args.vae_batch_size,
+        sampler=args.sampler, wildcard_dirs=tuple(args.wildcards), device=args.device,
+        dtype="fp16" if args.fp16 else ("bf16" if args.bf16 else "fp32"),
+        networks=[NetworkSpec(m, w, x) for m, w, x in zip(modules, weights, muls)],
+        network_merge=args.network_merge,
+        lllite=[LLLiteSpec(w, x) for w, x in zip(lllite_files, lllite_muls)],
+        guide_image_path=args.guide_image_path, image_path=args.image_path, strength=args.strength,
+        tokenizer_cache_dir=args.tokenizer_cache_dir, allow_pickle=args.allow_pickle,
+    )

@@ -1,0 +1,488 @@
+"""Batch SDXL generation for dataset synthesis: prompt-language requests -> batches -> PNGs with their metadata.
+
+The work is split in two phases so that every mistake in the user's input (prompt syntax, wildcards, missing guide
+or init images, network files, sizes) is reported before minutes are spent loading a model:
+
+1. `plan_requests` turns the prompt lines into one `ImageRequest` per image, each with its own drawn prompt and
+   seed. Image k of a run gets seeds derived from (--seed, k) only, so the same image comes out whatever
+   --batch_size is (the batch just stacks independent per-image generators).
+2. `SDXLGenerator` runs batches of compatible requests (same size, steps, scale, multipliers, ...) through a
+   diffusers pipeline built by `SDXLFamily.build_pipeline`, decodes the latents in --vae_batch_size chunks and saves
+   each PNG with `save_png_with_info`, so captions can be recovered later (tools/captions_from_png.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from PIL import Image
+
+from library.errors import ModelLoadError, UserError
+from library.sample.png_metadata import GenerationInfo, save_png_with_info
+from library.sample.prompts import PromptSpec, Template, WildcardSet
+from library.sample.schedulers import canonical_sampler_name
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+SEED_RANGE = 2**32
+LATENT_FACTOR = 8  # SDXL's VAE downsamples by 8: pixel sizes must be multiples of it
+LLLITE_FACTOR = 32  # LLLite's deepest conditioning stack downsamples by 32
+DEFAULT_STRENGTH = 0.8  # img2img strength when neither --strength nor --t gives one (as sd-scripts)
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """One additional network (LoRA-like) given on the command line."""
+
+    module: str
+    weights: str
+    multiplier: float = 1.0
+
+
+@dataclass(frozen=True)
+class LLLiteSpec:
+    weights: str
+    multiplier: float = 1.0
+
+
+@dataclass
+class GenerationConfig:
+    """Everything a run needs; built from the command line by `library.sample.gen_args.config_from_args`."""
+
+    model: str
+    outdir: str
+    prompts: list[PromptSpec]
+    negative_prompt: Template | None = None
+    width: int = 1024
+    height: int = 1024
+    original_width: int | None = None
+    original_height: int | None = None
+    steps: int = 30
+    scale: float = 7.5
+    seed: int | None = None
+    n_iter: int = 1
+    images_per_prompt: int = 1
+    batch_size: int = 1
+    vae_batch_size: int | None = None
+    sampler: str = "euler_a"
+    wildcard_dirs: tuple[str, ...] = ()
+    device: str | None = None
+    dtype: str = "fp32"  # fp32 | fp16 | bf16
+    networks: list[NetworkSpec] = field(default_factory=list)
+    network_merge: bool = False
+    lllite: list[LLLiteSpec] = field(default_factory=list)
+    guide_image_path: str | None = None
+    image_path: str | None = None
+    strength: float | None = None
+    tokenizer_cache_dir: str | None = None
+    allow_pickle: bool = False
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One image to generate, with every choice already made (prompt drawn, seed fixed, files resolved)."""
+
+    index: int
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+    width: int
+    height: int
+    steps: int
+    scale: float
+    original_size: tuple[int, int]  # (width, height)
+    crop: tuple[int, int] = (0, 0)  # (top, left)
+    network_muls: tuple[float, ...] | None = None
+    control_image: str | None = None
+    init_image: str | None = None
+    strength: float | None = None
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one pipeline call without changing any image.
+
+        Whether a negative prompt exists is part of the key: SDXL uses zero embeddings for "no negative prompt" but
+        encodes "" when other images of the batch have one, which would change the image.
+        """
+        return (self.width, self.height, self.steps, self.scale, self.original_size, self.crop, self.network_muls,
+                self.negative_prompt is None, self.control_image is None, self.init_image is None, self.strength)
+
+
+# ----------------------------------------------------------------------------------------------------- planning
+
+
+def derive_seed(base: int, index: int, purpose: str = "image") -> int:
+    """A 32-bit seed from the run seed and the image index; hashing keeps neighbouring runs' seeds unrelated."""
+    digest = hashlib.sha256(f"{base}:{index}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def list_images(path: str, flag: str) -> list[str]:
+    """One image file, or the images of a folder in name order; a missing or empty path names the flag."""
+    if os.path.isfile(path):
+        return [path]
+    if os.path.isdir(path):
+        found = sorted(str(p) for p in Path(path).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not found:
+            raise UserError(f"{flag} '{path}': the folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        return found
+    raise UserError(f"{flag} '{path}': no such file or folder")
+
+
+def _check_size(width: int, height: int, factor: int, why: str, where: str) -> None:
+    if width % factor or height % factor:
+        raise UserError(f"{where}: size {width}x{height} must be a multiple of {factor} ({why})")
+
+
+def _where(spec: PromptSpec) -> str:
+    return f"prompt line {spec.line_no}" if spec.line_no else "prompt"
+
+
+def check_config(config: GenerationConfig) -> None:
+    """Reject option combinations that cannot work, before any model is loaded."""
+    for name, value in (("--batch_size", config.batch_size), ("--n_iter", config.n_iter),
+                        ("--images_per_prompt", config.images_per_prompt), ("--steps", config.steps)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    if config.vae_batch_size is not None and config.vae_batch_size < 1:
+        raise UserError(f"--vae_batch_size must be at least 1, got {config.vae_batch_size}")
+    if not config.prompts:
+        raise UserError("no prompts: give --prompt or a --from_file with at least one prompt line")
+    canonical_sampler_name(config.sampler)
+    if config.dtype not in ("fp32", "fp16", "bf16"):
+        raise UserError(f"unknown precision '{config.dtype}'")
+    if config.strength is not None and not 0.0 <= config.strength <= 1.0:
+        raise UserError(f"--strength must be between 0 and 1, got {config.strength}")
+    if config.guide_image_path and not config.lllite:
+        raise UserError("--guide_image_path is given but no --control_net_lllite_models to use it")
+    for spec in config.networks:
+        if not os.path.isfile(spec.weights):
+            raise ModelLoadError(f"--network_weights '{spec.weights}': no such file")
+    for spec in config.lllite:
+        if not os.path.isfile(spec.weights):
+            raise ModelLoadError(f"--control_net_lllite_models '{spec.weights}': no such file")
+    if config.network_merge and any(p.network_muls for p in config.prompts):
+        raise UserError("per-prompt --am cannot change networks merged with --network_merge; drop one of them")
+    for p in config.prompts:
+        if p.network_muls and len(p.network_muls) > len(config.networks):
+            raise UserError(f"{_where(p)}: --am gives {len(p.network_muls)} multipliers but only "
+                            f"{len(config.networks)} network(s) are loaded")
+        if p.control_image and not config.lllite:
+            raise UserError(f"{_where(p)}: --cn needs --control_net_lllite_models")
+
+
+def load_wildcards(config: GenerationConfig) -> WildcardSet | None:
+    """The wildcard files, with every wildcard that a prompt names checked to exist."""
+    wildcards = WildcardSet.from_dirs(config.wildcard_dirs) if config.wildcard_dirs else None
+    templates = [t for p in config.prompts for t in (p.template, p.negative_template) if t is not None]
+    if config.negative_prompt is not None:
+        templates.append(config.negative_prompt)
+    for template in templates:
+        if template.wildcard_names():
+            if wildcards is None:
+                name = sorted(template.wildcard_names())[0]
+                raise UserError(f"prompt uses wildcard '__{name}__' but no --wildcards directory was given")
+            wildcards.check(template)
+    return wildcards
+
+
+def plan_requests(config: GenerationConfig, wildcards: WildcardSet | None, base_seed: int) -> list[ImageRequest]:
+    """One request per image, in generation order: for each iteration, each prompt line, each image of the line."""
+    guides = list_images(config.guide_image_path, "--guide_image_path") if config.guide_image_path else []
+    inits = list_images(config.image_path, "--image_path") if config.image_path else []
+    requests: list[ImageRequest] = []
+    per_line_count: dict[int, int] = {}
+    for _ in range(config.n_iter):
+        for line_index, spec in enumerate(config.prompts):
+            for _ in range(config.images_per_prompt):
+                k = len(requests)
+                j = per_line_count.get(line_index, 0)
+                per_line_count[line_index] = j + 1
+                requests.append(_request(config, spec, k, j, base_seed, wildcards, guides, inits))
+    return requests
+
+
+def _request(config: GenerationConfig, spec: PromptSpec, k: int, j: int, base_seed: int,
+             wildcards: WildcardSet | None, guides: list[str], inits: list[str]) -> ImageRequest:
+    rng = random.Random(derive_seed(base_seed, k, "prompt"))
+    drawn = spec.render(rng, wildcards)
+    negative = drawn.negative_prompt
+    if spec.negative_template is None and config.negative_prompt is not None:
+        negative = config.negative_prompt.render(rng, wildcards)
+    width = spec.width or config.width
+    height = spec.height or config.height
+    where = _where(spec)
+    _check_size(width, height, LATENT_FACTOR, "the VAE works on 8x8 pixel blocks", where)
+    control = spec.control_image or (guides[k % len(guides)] if guides else None)
+    if config.lllite:
+        _check_size(width, height, LLLITE_FACTOR, "ControlNet-LLLite needs it", where)
+        if control is None:
+            raise UserError(f"{where}: ControlNet-LLLite needs a guide image: give --guide_image_path or --cn")
+        if not os.path.isfile(control):
+            raise UserError(f"{where}: guide image '{control}' does not exist")
+    init = inits[k % len(inits)] if inits else None
+    strength = None
+    if init is not None:
+        strength = spec.strength if spec.strength is not None else (
+            config.strength if config.strength is not None else DEFAULT_STRENGTH)
+    seed = spec.seed_for(j)
+    return ImageRequest(
+        index=k,
+        prompt=drawn.prompt,
+        negative_prompt=negative or None,
+        seed=seed if seed is not None else derive_seed(base_seed, k),
+        width=width,
+        height=height,
+        steps=spec.steps or config.steps,
+        scale=spec.scale if spec.scale is not None else config.scale,
+        original_size=(spec.original_width or config.original_width or width,
+                       spec.original_height or config.original_height or height),
+        crop=(spec.crop_top or 0, spec.crop_left or 0),
+        network_muls=spec.network_muls,
+        control_image=control,
+        init_image=init,
+        strength=strength,
+    )
+
+
+def make_batches(requests: Sequence[ImageRequest], batch_size: int) -> list[list[ImageRequest]]:
+    """Consecutive requests with equal batch keys, at most `batch_size` per batch (generation order is kept)."""
+    batches: list[list[ImageRequest]] = []
+    for request in requests:
+        if batches and len(batches[-1]) < batch_size and batches[-1][0].batch_key() == request.batch_key():
+            batches[-1].append(request)
+        else:
+            batches.append([request])
+    return batches
+
+
+# ----------------------------------------------------------------------------------------------------- networks
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class AttachedNetworks:
+    """The LoRA-like networks and LLLite models hooked into (or merged into) one model set."""
+
+    def __init__(self, models: Any, config: GenerationConfig, device: torch.device, dtype: torch.dtype):
+        self.networks: list[Any] = []
+        self.default_muls = [spec.multiplier for spec in config.networks]
+        text_encoders = [models.text_encoder1, models.text_encoder2]
+        for spec in config.networks:
+            self._add_network(spec, models, text_encoders, config.network_merge, device, dtype)
+        from networks import control_net_lllite
+
+        self.lllites = []
+        for spec in config.lllite:
+            lllite = control_net_lllite.create_network_from_weights(models.unet, spec.weights, spec.multiplier)
+            lllite.to(device, dtype).eval()
+            lllite.apply_to()
+            self.lllites.append(lllite)
+
+    def _add_network(self, spec: NetworkSpec, models: Any, text_encoders: list, merge: bool,
+                     device: torch.device, dtype: torch.dtype) -> None:
+        try:
+            module = importlib.import_module(spec.module)
+        except ImportError as exc:
+            raise UserError(f"--network_module '{spec.module}': cannot import it ({exc})") from None
+        if not hasattr(module, "create_network_from_weights"):
+            raise UserError(f"--network_module '{spec.module}' has no create_network_from_weights()")
+        network, weights = module.create_network_from_weights(
+            spec.multiplier, spec.weights, models.vae, text_encoders, models.unet, for_inference=True)
+        if merge:
+            merged = network.merge_to(text_encoders, models.unet, weights, device=device)
+            logger.info("%s: merged %d modules at multiplier %g", spec.weights, merged, spec.multiplier)
+            return
+        has_te = any(k.startswith("lora_te") for k in weights)
+        has_unet = any(k.startswith("lora_unet") for k in weights)
+        network.apply_to(text_encoders, models.unet, apply_text_encoder=has_te, apply_unet=has_unet)
+        info = network.load_weights(weights) if hasattr(network, "load_weights") else network.load_state_dict(weights)
+        logger.info("%s: %s", spec.weights, info)
+        network.to(device, dtype).eval()
+        self.networks.append(network)
+
+    def set_multipliers(self, muls: Sequence[float] | None) -> None:
+        """Per-prompt --am multipliers (missing ones fall back to --network_mul)."""
+        for i, network in enumerate(self.networks):
+            mul = muls[i] if muls is not None and i < len(muls) else self.default_muls[i]
+            network.set_multiplier(mul)
+
+    @torch.no_grad()
+    def set_control(self, cond: torch.Tensor | None) -> None:
+        """Embed the guide images once for the whole batch (all denoising steps reuse the embedding)."""
+        for lllite in self.lllites:
+            lllite.set_cond_image(cond)
+
+
+# ----------------------------------------------------------------------------------------------------- generation
+
+
+def load_rgb(path: str, size: tuple[int, int]) -> Image.Image:
+    """An image as RGB at (width, height); guide images are used as given, only resized."""
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read image '{path}': {exc}") from None
+    return rgb if rgb.size == size else rgb.resize(size, Image.Resampling.LANCZOS)
+
+
+def images_to_tensor(images: Iterable[Image.Image]) -> torch.Tensor:
+    """[B, 3, H, W] float in [0, 1]."""
+    arrays = [torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(im.height, im.width, 3)
+              for im in images]
+    return torch.stack(arrays).permute(0, 3, 1, 2).float() / 255.0
+
+
+def _move(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move only when needed (diffusers warns on every dtype cast, even a no-op one)."""
+    param = next(model.parameters())
+    if param.device != device or param.dtype != dtype:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name:
+        try:
+            return torch.device(name)
+        except RuntimeError as exc:
+            raise UserError(f"--device '{name}': {exc}") from None
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class SDXLGenerator:
+    """Runs planned requests on loaded models and writes the PNGs."""
+
+    def __init__(self, models: Any, config: GenerationConfig, device: torch.device):
+        from library.train.sdxl_family import SDXLFamily
+
+        self.config = config
+        self.device = device
+        self.dtype = _DTYPES[config.dtype]
+        # SDXL's VAE overflows in fp16: decode in fp32 then (bf16 has the range)
+        self.vae_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
+        for model in (models.unet, models.text_encoder1, models.text_encoder2):
+            _move(model, device, self.dtype)
+        _move(models.vae, device, self.vae_dtype)
+        self.models = models
+        self.networks = AttachedNetworks(models, config, device, self.dtype)
+        family_models = {"vae": models.vae, "unet": models.unet,
+                         "text_encoders": [models.text_encoder1, models.text_encoder2],
+                         "tokenizers": [models.tokenizer1, models.tokenizer2]}
+        self.pipe = SDXLFamily().build_pipeline(family_models, config.sampler)
+        self._img2img = None
+        self.run_stamp = time.strftime("%Y%m%d%H%M%S")
+        self.sampler = canonical_sampler_name(config.sampler)
+
+    @property
+    def img2img(self):
+        if self._img2img is None:
+            from diffusers import StableDiffusionXLImg2ImgPipeline
+
+            self._img2img = StableDiffusionXLImg2ImgPipeline(**self.pipe.components)
+            self._img2img.set_progress_bar_config(disable=True)
+        return self._img2img
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[ImageRequest]) -> list[Path]:
+        paths: list[Path] = []
+        batches = make_batches(requests, self.config.batch_size)
+        for number, batch in enumerate(batches, start=1):
+            logger.info("batch %d/%d: %d image(s)", number, len(batches), len(batch))
+            images = self._run_batch(batch)
+            paths += [self._save(req, image) for req, image in zip(batch, images)]
+        return paths
+
+    def _run_batch(self, batch: list[ImageRequest]) -> list[Image.Image]:
+        first = batch[0]
+        size = (first.width, first.height)
+        self.networks.set_multipliers(first.network_muls)
+        control = None
+        if first.control_image is not None:
+            control = images_to_tensor(load_rgb(r.control_image, size) for r in batch).to(self.device)
+        self.networks.set_control(control)
+        generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in batch]
+        kwargs: dict[str, Any] = dict(
+            prompt=[r.prompt for r in batch],
+            negative_prompt=None if first.negative_prompt is None else [r.negative_prompt for r in batch],
+            num_inference_steps=first.steps,
+            guidance_scale=first.scale,
+            generator=generators,
+            original_size=(first.original_size[1], first.original_size[0]),
+            target_size=(first.height, first.width),
+            crops_coords_top_left=first.crop,
+            output_type="latent",
+        )
+        if first.init_image is not None:
+            init = [load_rgb(r.init_image, size) for r in batch]
+            latents = self.img2img(image=init, strength=first.strength, **kwargs).images
+        else:
+            latents = self.pipe(width=first.width, height=first.height, **kwargs).images
+        self.networks.set_control(None)
+        return self._decode(latents)
+
+    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        vae = _move(self.models.vae, self.device, self.vae_dtype)  # img2img may have cast it while encoding
+        chunk = self.config.vae_batch_size or latents.shape[0]
+        images: list[Image.Image] = []
+        for start in range(0, latents.shape[0], chunk):
+            part = latents[start:start + chunk].to(self.device, self.vae_dtype) / vae.config.scaling_factor
+            pixels = (vae.decode(part).sample.float() / 2 + 0.5).clamp(0, 1)
+            arrays = (pixels.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+            images += [Image.fromarray(a) for a in arrays]
+        return images
+
+    def _save(self, req: ImageRequest, image: Image.Image) -> Path:
+        outdir = Path(self.config.outdir)
+        path = outdir / f"im_{self.run_stamp}_{req.index:06d}_{req.seed}.png"
+        suffix = 1
+        while path.exists():  # a second run in the same second: never overwrite
+            path = outdir / f"im_{self.run_stamp}_{req.index:06d}_{req.seed}_{suffix}.png"
+            suffix += 1
+        extra = {}
+        if req.control_image:
+            extra["guide_image"] = req.control_image
+        if req.init_image:
+            extra["init_image"] = req.init_image
+            extra["strength"] = f"{req.strength:g}"
+        if req.network_muls:
+            extra["network_muls"] = ",".join(f"{m:g}" for m in req.network_muls)
+        info = GenerationInfo(prompt=req.prompt, negative_prompt=req.negative_prompt or "", seed=req.seed,
+                              steps=req.steps, scale=req.scale, sampler=self.sampler, width=req.width,
+                              height=req.height, model=os.path.basename(self.config.model.rstrip("/\\")),
+                              extra=extra)
+        return save_png_with_info(image, path, info)
+
+
+def run_generation(config: GenerationConfig) -> list[Path]:
+    """Check the inputs, plan every image, load the model and networks, generate; returns the PNG paths."""
+    from library.models.sdxl_loader import load_sdxl
+
+    check_config(config)
+    wildcards = load_wildcards(config)
+    base_seed = config.seed if config.seed is not None else random.SystemRandom().randrange(SEED_RANGE)
+    requests = plan_requests(config, wildcards, base_seed)
+    logger.info("%d image(s) planned, run seed %d", len(requests), base_seed)
+    device = resolve_device(config.device)
+    models = load_sdxl(config.model, torch.float32, config.tokenizer_cache_dir, config.allow_pickle)
+    generator = SDXLGenerator(models, config, device)
+    return generator.generate(requests)
+
+
+__all__ = [
+    "GenerationConfig", "ImageRequest", "LLLiteSpec", "NetworkSpec", "SDXLGenerator", "AttachedNetworks",
+    "check_config", "derive_seed", "list_images", "load_wildcards", "make_batches", "plan_requests",
+    "run_generation",
+]
