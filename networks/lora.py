@@ -11,13 +11,12 @@ untouched (checkpoints of the base model keep their names) and removing the netw
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +68,8 @@ class LoRAModule(nn.Module):
         super().__init__()
         self.lora_name = lora_name
         self.lora_dim = int(lora_dim)
+        if isinstance(org_module, nn.Conv2d) and org_module.groups != 1:
+            raise TypeError(f"{lora_name}: grouped convolutions are not supported")
         if isinstance(org_module, nn.Conv2d):
             self.lora_down = nn.Conv2d(org_module.in_channels, self.lora_dim, org_module.kernel_size,
                                        org_module.stride, org_module.padding, dilation=org_module.dilation,
@@ -79,8 +80,6 @@ class LoRAModule(nn.Module):
             self.lora_up = nn.Linear(self.lora_dim, org_module.out_features, bias=False)
         else:
             raise TypeError(f"{lora_name}: LoRA wraps Linear or Conv2d, got {type(org_module).__name__}")
-        if isinstance(org_module, nn.Conv2d) and org_module.groups != 1:
-            raise TypeError(f"{lora_name}: grouped convolutions are not supported")
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
 
@@ -197,7 +196,7 @@ def _is_kxk_conv(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
 
 
-def find_targets(root: nn.Module, containers: Iterable[str], name_of: Any) -> list[LoRATarget]:
+def find_targets(root: nn.Module, containers: Iterable[str], name_of: Callable[[str], str]) -> list[LoRATarget]:
     """Every Linear/Conv2d inside a module whose class name is in `containers`, named by `name_of(path)`."""
     containers = tuple(containers)
     found: dict[str, LoRATarget] = {}
@@ -274,7 +273,9 @@ def load_weights_file(file: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     return sd, {}
 
 
-def precalculate_safetensors_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
+def precalculate_safetensors_hashes(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> tuple[str, str]:
     """(`sshs_model_hash`, `sshs_legacy_hash`) as sd-scripts computes them for the additional-networks web UI.
 
     The file is serialised in memory with only the `ss_` metadata (user metadata may change later without changing
@@ -581,8 +582,9 @@ class LoRANetwork(nn.Module):
         descriptions: list[str] = []
 
         def add(loras: list[LoRAModule], lr: float | None, plus_ratio: float | None, description: str) -> None:
-            plain = [p for lora in loras for n, p in lora.named_parameters() if plus_ratio is None or "lora_up" not in n]
-            plus = [p for lora in loras for n, p in lora.named_parameters() if plus_ratio is not None and "lora_up" in n]
+            named = [(n, p) for lora in loras for n, p in lora.named_parameters()]
+            plain = [p for n, p in named if plus_ratio is None or "lora_up" not in n]
+            plus = [p for n, p in named if plus_ratio is not None and "lora_up" in n]
             for params, factor, suffix in ((plain, 1.0, ""), (plus, plus_ratio, " plus")):
                 if not params or lr is None or lr == 0:
                     continue
@@ -602,7 +604,9 @@ class LoRANetwork(nn.Module):
         return groups, descriptions
 
     @torch.no_grad()
-    def apply_max_norm_regularization(self, max_norm_value: float, device: torch.device | str) -> tuple[int, float, float]:
+    def apply_max_norm_regularization(
+        self, max_norm_value: float, device: torch.device | str
+    ) -> tuple[int, float, float]:
         """Scale down modules whose update norm exceeds `max_norm_value` (sd-scripts' --scale_weight_norms).
 
         Returns (modules scaled, mean norm after scaling, max norm after scaling).

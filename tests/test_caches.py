@@ -200,6 +200,8 @@ def test_latent_cache_keeps_alpha_mask(tmp_path, monkeypatch):
         write_png(d / f"{i}.png", w, h, seed=i)
     ds = make_dataset(tmp_path, alpha_mask=True, flip_aug=True)
     LatentCache("fake-vae", "disk").ensure(ds, FakeEncoder(), 2, progress=False)
+    assert all(latent_cache_path(it).endswith(".alpha.latents.safetensors") for it in ds.items)
+    assert "alpha_mask" in load_tensors(latent_cache_path(ds.items[0]))[0]
 
     forbid_pixel_loading(monkeypatch)
     cache = LatentCache("fake-vae", "disk")
@@ -305,3 +307,21 @@ def test_dataset_fixed_captions_feed_text_cache(tmp_path):
     for b in ds.epoch_batches(0):
         for c in ds.load_batch(b, 0).captions:
             assert cache.get(c)["hidden"].shape == (3, 4)
+
+
+def test_image_shared_by_two_subsets_gets_one_file_with_flip(tmp_path):
+    ds = make_dataset(tmp_path)
+    plain = ds.config.subsets[0]
+    flipping = SubsetConfig(table="datasets[0].subsets[1]", flip_aug=True)
+    records = [[it.record for it in ds.items],
+               [ImageRecord(it.record.path, it.record.caption, 1) for it in ds.items]]
+    ds.config.subsets = [plain, flipping]
+    shared = TrainDataset(ds.config, records, seed=0)
+    enc = FakeEncoder()
+    cache = LatentCache("fake-vae", "disk")
+    assert cache.ensure(shared, enc, 4, progress=False) == len(SIZES)
+    assert enc.images_seen == 2 * len(SIZES)
+    n = len(SIZES)
+    assert torch.equal(cache.get(0, False), cache.get(n, False))
+    assert cache.get(0, True).shape == cache.get(0, False).shape
+    assert LatentCache("fake-vae", "disk").ensure(shared, enc, 4, progress=False) == 0

@@ -312,15 +312,21 @@ def test_load_errors_are_clear(unet, tmp_path):
 
 
 def test_training_learns_square_position(unet, attached):
-    """30 Adam steps on the LLLite parameters only (U-Net frozen): the output must learn where the square is."""
+    """Adam on the LLLite parameters only (U-Net frozen) must make the output depend on where the square is.
+
+    The two samples share every U-Net input except the control image, and their targets are opposite (base +/- a
+    pattern of the two square positions): anything that ignores the control image cannot beat the initial loss, so
+    a loss drop can only come from reading the square's position."""
     torch.manual_seed(0)
     net = attached()
     net.train()
-    cond = torch.cat([square_image(0, 0), square_image(32, 32, size=32)])
-    masks = torch.nn.functional.avg_pool2d(cond[:, :1], 8).expand(-1, 4, -1, -1)  # square at latent size
+    cond = torch.cat([square_image(0, 0, size=32), square_image(32, 32, size=32)])
+    masks = torch.nn.functional.avg_pool2d(cond[:, :1], 8).expand(-1, 4, -1, -1)  # the squares at latent size
+    pattern = masks[0] - masks[1]
     inputs = unet_inputs(batch=2)
     with torch.no_grad():
-        target = unet(**inputs).sample + masks
+        base = unet(**inputs).sample
+    target = base + 0.2 * torch.stack([pattern, -pattern])
     opt = torch.optim.Adam(net.prepare_optimizer_params(1e-2))
     losses = []
     for _ in range(30):
@@ -330,15 +336,14 @@ def test_training_learns_square_position(unet, attached):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.3 * losses[0], losses
+    assert losses[-1] < 0.85 * losses[0], losses
     assert all(p.grad is None for p in unet.parameters())
     with torch.no_grad():
         net.set_cond_image(cond)
-        out = unet(**inputs).sample - (target - masks)
-    m0, m1 = masks[0].bool(), masks[1].bool()
-    # each image's square region lights up in its own output more than in the other's
-    assert out[0][m0].mean() > out[1][m0].mean() + 0.3
-    assert out[1][m1].mean() > out[0][m1].mean() + 0.3
+        out = unet(**inputs).sample
+    # the difference between the two outputs follows the difference between the squares
+    similarity = torch.nn.functional.cosine_similarity((out[0] - out[1]).flatten(), pattern.flatten(), dim=0)
+    assert similarity > 0.3, similarity
 
 
 def test_bad_dims_rejected(unet):

@@ -68,6 +68,9 @@ def lllite_file(tmp_path_factory) -> str:
     with torch.no_grad():
         for module in net.unet_modules:
             module.up[0].weight.copy_(torch.randn(module.up[0].weight.shape, generator=gen))
+            for layer in module.conditioning1:  # a strong response to the guide image, so guides can be told apart
+                if isinstance(layer, torch.nn.Conv2d):
+                    layer.weight.mul_(4.0)
     path = tmp_path_factory.mktemp("nets") / "lllite.safetensors"
     net.save_weights(str(path))
     return str(path)
@@ -196,16 +199,14 @@ def test_same_seed_same_image_whatever_the_batch_size(tmp_path, tiny_sdxl_file):
 
 
 def test_lora_multiplier_zero_is_base_one_changes_and_merge_matches(tmp_path, tiny_sdxl_file, lora_file):
-    prompt = ["a red cube"]
-
-    def gen(name, **kw):
-        return pixels(run_generation(cfg(tiny_sdxl_file, tmp_path / name, prompt, **kw)))[0]
+    def gen(name, prompts=("a red cube",), **kw):
+        return pixels(run_generation(cfg(tiny_sdxl_file, tmp_path / name, list(prompts), **kw)))[0]
 
     base = gen("base")
     zero = gen("zero", networks=[NetworkSpec("networks.lora", lora_file, 0.0)])
     one = gen("one", networks=[NetworkSpec("networks.lora", lora_file, 1.0)])
     merged = gen("merged", networks=[NetworkSpec("networks.lora", lora_file, 1.0)], network_merge=True)
-    am_zero = gen("am", prompts=[parse_prompt_line("a red cube --am 0")],
+    am_zero = gen("am", prompts=["a red cube --am 0"],
                   networks=[NetworkSpec("networks.lora", lora_file, 1.0)])
     assert max_diff(base, zero) == 0
     assert max_diff(base, am_zero) == 0  # per-prompt --am overrides --network_mul

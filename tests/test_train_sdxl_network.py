@@ -95,14 +95,15 @@ def test_missing_model_and_dataset_are_clear_errors(tmp_path, shapes_dataset):
 
 def test_loss_goes_down_on_fixed_data(tmp_path, tiny_sdxl_file, shapes_dataset):
     """With timesteps in a narrow band the noise level is comparable across steps, so the trend is visible."""
-    cfg = run_toml(tmp_path, tiny_sdxl_file, shapes_dataset["config"], max_train_steps=40, learning_rate=3e-3,
-                   min_timestep=700, max_timestep=701, network_train_unet_only=True, cache_latents=True)
+    cfg = run_toml(tmp_path, tiny_sdxl_file, shapes_dataset["config"], max_train_steps=40, learning_rate=1e-2,
+                   min_timestep=700, max_timestep=701, network_train_unet_only=True, cache_latents=True,
+                   network_args=["conv_dim=4", "conv_alpha=4"])
     r = run_script("sdxl_train_network.py", "--config_file", cfg)
     assert r.returncode == 0, r.stderr[-3000:]
     losses = read_losses(tmp_path / "run_loss.jsonl")
     assert len(losses) == 40
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
-    assert last < 0.8 * first, (first, last)
+    assert last < 0.7 * first, (first, last)
 
 
 def test_loss_regression_against_stored_values(tmp_path, tiny_sdxl_file, shapes_dataset):

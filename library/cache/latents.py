@@ -1,9 +1,10 @@
 """Cached VAE latents, so that training does not decode and encode every image on every step.
 
 Disk layout: one file per image and bucket, beside the image:
-    <image dir>/<image stem>_<bucketW>x<bucketH>.latents.safetensors
-holding `latents` [C,h,w], `latents_flipped` (when any flip_aug subset uses the image) and `alpha_mask` [H,W]
-(when the subset trains with alpha masks). The file name only locates the file; whether it is still valid is
+    <image dir>/<image stem>_<bucketW>x<bucketH>.latents.safetensors        (alpha composited on white)
+    <image dir>/<image stem>_<bucketW>x<bucketH>.alpha.latents.safetensors  (alpha_mask subsets: raw colours)
+holding `latents` [C,h,w], `latents_flipped` (when any flip_aug subset uses the file) and, in `.alpha` files,
+`alpha_mask` [H,W] at bucket resolution. The file name only locates the file; whether it is still valid is
 decided by its metadata (source file size + mtime, sizes, bucket, crop, encoder identity, format version), so a
 changed image, a new bucket setting or another VAE triggers a rebuild instead of silently training on stale data.
 
@@ -28,16 +29,17 @@ from library.errors import ConfigError
 FORMAT_VERSION = "1"
 CacheMode = Literal["memory", "disk"]
 # Features a file may hold beyond what is needed; a file with more is still valid.
-_OPTIONAL_FLAGS = ("flip_included", "alpha_mask_included")
+_OPTIONAL_FLAGS = ("flip_included",)
 
 
 def latent_cache_path(item: DatasetItem) -> str:
     stem, _ = os.path.splitext(item.record.path)
-    return f"{stem}_{item.bucket[0]}x{item.bucket[1]}.latents.safetensors"
+    kind = ".alpha" if item.subset.alpha_mask else ""
+    return f"{stem}_{item.bucket[0]}x{item.bucket[1]}{kind}.latents.safetensors"
 
 
-def expected_metadata(item: DatasetItem, encoder_id: str) -> dict[str, str]:
-    """The provenance a valid cache file of `item` must carry."""
+def expected_metadata(item: DatasetItem, encoder_id: str, flip: bool) -> dict[str, str]:
+    """The provenance a valid cache file of `item` must carry (`flip`: whether it must hold flipped latents)."""
     st = os.stat(item.record.path)
     top, left = choose_crop(item.resized_size, item.bucket, "center", None)
     return {
@@ -50,8 +52,8 @@ def expected_metadata(item: DatasetItem, encoder_id: str) -> dict[str, str]:
         "bucket": "%dx%d" % item.bucket,
         "resized_size": "%dx%d" % item.resized_size,
         "crop_top_left": f"{top},{left}",
-        "flip_included": str(bool(item.subset.flip_aug)).lower(),
-        "alpha_mask_included": str(bool(item.subset.alpha_mask)).lower(),
+        "flip_included": str(flip).lower(),
+        "alpha_mask": str(bool(item.subset.alpha_mask)).lower(),
     }
 
 
@@ -102,14 +104,20 @@ class LatentCache:
         """Encode every item whose cache is missing, stale or corrupt; returns how many were encoded. Images are
         encoded in batches of one bucket; `encode_fn` maps [B,3,H,W] pixels in [-1,1] to [B,C,h,w] latents."""
         check_cacheable(dataset)
+        # An image used by several subsets shares one file, which must hold what any of them needs.
+        needs_flip = {latent_cache_path(item) for item in dataset.items if item.subset.flip_aug}
         todo: dict[tuple[int, int], list[int]] = defaultdict(list)
-        expected = {}
+        expected, scheduled = {}, set()
         for index, item in enumerate(dataset.items):
-            expected[index] = expected_metadata(item, self.encoder_id)
+            path = latent_cache_path(item)
+            expected[index] = expected_metadata(item, self.encoder_id, path in needs_flip)
             if self.mode == "disk":
-                self._paths[index] = latent_cache_path(item)
+                self._paths[index] = path
+                if path in scheduled:  # another item writes this very file
+                    continue
             if not self._is_valid(index, item, expected[index]):
                 todo[item.bucket].append(index)
+                scheduled.add(path)
         total = sum(len(v) for v in todo.values())
         with tqdm(total=total, desc="caching latents", disable=not progress or total == 0) as bar:
             for bucket in sorted(todo):
@@ -124,7 +132,7 @@ class LatentCache:
                       encode_fn: Callable[[torch.Tensor], torch.Tensor], expected: dict[int, dict[str, str]]) -> None:
         pixels = [dataset.load_item_pixels(i) for i in chunk]
         images = torch.stack([p[0] for p in pixels])
-        flip_rows = [j for j, i in enumerate(chunk) if dataset.items[i].subset.flip_aug]
+        flip_rows = [j for j, i in enumerate(chunk) if expected[i]["flip_included"] == "true"]
         with torch.no_grad():
             latents = encode_fn(images).detach().cpu()
             flipped = encode_fn(images[flip_rows].flip(-1)).detach().cpu() if flip_rows else None

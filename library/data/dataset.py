@@ -256,7 +256,7 @@ class TrainDataset:
         for index, item, plan in zip(indices, items, plans):
             if self._latents is not None:
                 latents.append(self._latents.get(index, plan.flipped))
-                alpha = self._latents.get_alpha_mask(index)
+                alpha = self._latents.get_alpha_mask(index) if item.subset.alpha_mask else None
                 alphas.append(None if alpha is None else (alpha.flip(-1) if plan.flipped else alpha))
             else:
                 rgb, alpha = self._image_pixels(item, plan)

@@ -26,7 +26,6 @@ from library.eval.metrics import (
     CLIP_FLAG,
     DINO_FLAG,
     EmbeddingModel,
-    TextEmbeddingModel,
     load_clip_model,
     load_dino_model,
     mean_pairwise_cosine,
@@ -100,9 +99,19 @@ def resolve_prompts(prompts: PromptsArg, generated: Sequence[Path]) -> list[str 
     return prompts
 
 
-def _load_pixels(paths: Sequence[Path]) -> list[np.ndarray]:
-    # load_image applies EXIF orientation and reads HEIC, so phone photos can serve as the real set as they are
-    return [load_image(str(p)).rgb for p in paths]
+_LOAD_CHUNK = 32  # images decoded at a time: a few hundred 1024-px photos would otherwise sit in memory at once
+
+
+def _embed_paths(paths: Sequence[Path], *models: EmbeddingModel | None) -> list[torch.Tensor | None]:
+    """Each model's embeddings of the images, decoding them chunk by chunk and once for all models."""
+    parts: list[list[torch.Tensor]] = [[] for _ in models]
+    for start in range(0, len(paths), _LOAD_CHUNK):
+        # load_image applies EXIF orientation and reads HEIC, so phone photos serve as the real set as they are
+        pixels = [load_image(str(p)).rgb for p in paths[start:start + _LOAD_CHUNK]]
+        for model, out in zip(models, parts):
+            if model is not None:
+                out.append(model.embed_images(pixels))
+    return [torch.cat(out) if model is not None else None for model, out in zip(models, parts)]
 
 
 def _check_folders(*flag_and_folder: tuple[str, str | os.PathLike]) -> None:
@@ -143,10 +152,10 @@ def embed_real(real_dir: str | os.PathLike, dino: EmbeddingModel | None,
                clip: EmbeddingModel | None) -> RealEmbeddings:
     """Embed the real photos with whichever models are given."""
     paths = list_images(real_dir, "--real_dir")
-    pixels = _load_pixels(paths)
+    dino_embs, clip_embs = _embed_paths(paths, dino, clip)
     return RealEmbeddings(
-        dino=dino.embed_images(pixels) if dino is not None else None,
-        clip=clip.embed_images(pixels) if clip is not None else None,
+        dino=dino_embs,
+        clip=clip_embs,
         count=len(paths),
         folder=str(real_dir),
     )
@@ -164,39 +173,43 @@ def score_generated(generated_dir: str | os.PathLike, real: RealEmbeddings, dino
         "generated_dir": str(generated_dir), "real_dir": real.folder, "rare_token": rare_token,
         "models": {"dino": getattr(dino, "name", None), "clip": getattr(clip, "name", None)},
     }
-    pixels = _load_pixels(paths)
+    can_embed_text = clip is not None and callable(getattr(clip, "embed_texts", None))
+    found = resolve_prompts(prompts, paths) if can_embed_text else None  # bad prompts fail before any embedding
+    if found is not None:
+        _check_prompt_coverage(found, paths, generated_flag)
+    dino_embs, clip_embs = _embed_paths(paths, dino, clip)
 
     if dino is not None and real.dino is not None:
-        gen = dino.embed_images(pixels)
-        report["dino"] = mean_pairwise_cosine(gen, real.dino)
-        for row, value in zip(rows, per_image_cosine(gen, real.dino)):
+        report["dino"] = mean_pairwise_cosine(dino_embs, real.dino)
+        for row, value in zip(rows, per_image_cosine(dino_embs, real.dino)):
             row["dino"] = value
 
     if clip is not None and real.clip is not None:
-        gen = clip.embed_images(pixels)
-        report["clip_i"] = mean_pairwise_cosine(gen, real.clip)
-        for row, value in zip(rows, per_image_cosine(gen, real.clip)):
+        report["clip_i"] = mean_pairwise_cosine(clip_embs, real.clip)
+        for row, value in zip(rows, per_image_cosine(clip_embs, real.clip)):
             row["clip_i"] = value
-        report["clip_t"], report["num_prompts"] = _clip_t(clip, gen, paths, rows, prompts, rare_token)
+        report["clip_t"], report["num_prompts"] = _clip_t(clip, clip_embs, paths, rows, found, rare_token)
 
     report["images"] = rows
     return report
 
 
+def _check_prompt_coverage(found: Sequence[str | None], paths: Sequence[Path], flag: str) -> None:
+    missing = [p.name for p, text in zip(paths, found) if text is None]
+    if missing and len(missing) < len(paths):
+        # scoring only some images would make CLIP-T incomparable between runs; ask for a complete prompt list
+        raise EvalError(f"{flag}: {len(missing)} of {len(paths)} images have no 'prompt' chunk "
+                        f"(first: '{missing[0]}'); give --prompts with one line per image")
+
+
 def _clip_t(clip: EmbeddingModel, gen: torch.Tensor, paths: Sequence[Path], rows: list[dict[str, Any]],
-            prompts: PromptsArg, rare_token: str | None) -> tuple[float | None, int]:
-    if not callable(getattr(clip, "embed_texts", None)):
+            found: list[str | None] | None, rare_token: str | None) -> tuple[float | None, int]:
+    if found is None:
         logger.info("CLIP-T skipped: the CLIP model given cannot embed text")
         return None, 0
-    found = resolve_prompts(prompts, paths)
-    missing = [p.name for p, text in zip(paths, found) if text is None]
-    if len(missing) == len(paths):
+    if all(text is None for text in found):
         logger.info("CLIP-T skipped: the generated images carry no 'prompt' chunk and no --prompts was given")
         return None, 0
-    if missing:
-        # scoring only some images would make CLIP-T incomparable between runs; ask for a complete prompt list
-        raise EvalError(f"--generated_dir: {len(missing)} of {len(paths)} images have no 'prompt' chunk "
-                        f"(first: '{missing[0]}'); give --prompts with one line per image")
     texts = [strip_token(t, rare_token) for t in found]  # type: ignore[arg-type]
     values = paired_cosine(gen, clip.embed_texts(texts))
     for row, prompt, text, value in zip(rows, found, texts, values):
