@@ -46,6 +46,10 @@ def run_script(script: str, *args: str, cwd: str | Path | None = None, timeout: 
 @pytest.fixture
 def shapes_dataset(tmp_path) -> dict:
     """A 4-image dataset of two aspect ratios, with conditioning images, and its TOML config."""
+    return build_shapes_dataset(tmp_path)
+
+
+def build_shapes_dataset(tmp_path: Path) -> dict:
     from library.data.synthetic import make_shapes_dataset
 
     img = tmp_path / "images"

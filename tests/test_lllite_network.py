@@ -63,6 +63,15 @@ def published_shapes(cond: int, net: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny U-Net's ops are too small to gain from threads; on a busy 2-core machine threads only thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def unet() -> UNet2DConditionModel:
     torch.manual_seed(0)
@@ -328,6 +337,7 @@ def test_training_learns_square_position(unet, attached):
         base = unet(**inputs).sample
     target = base + 0.2 * torch.stack([pattern, -pattern])
     opt = torch.optim.Adam(net.prepare_optimizer_params(1e-2))
+    cond_w0 = net.unet_modules[0].conditioning1[0].weight.detach().clone()
     losses = []
     for _ in range(30):
         net.set_cond_image(cond)  # once per step, with grad: conditioning1 trains too
@@ -338,12 +348,39 @@ def test_training_learns_square_position(unet, attached):
         losses.append(loss.item())
     assert losses[-1] < 0.85 * losses[0], losses
     assert all(p.grad is None for p in unet.parameters())
+    assert not torch.equal(net.unet_modules[0].conditioning1[0].weight, cond_w0)  # the embedding trains too
     with torch.no_grad():
         net.set_cond_image(cond)
         out = unet(**inputs).sample
     # the difference between the two outputs follows the difference between the squares
     similarity = torch.nn.functional.cosine_similarity((out[0] - out[1]).flatten(), pattern.flatten(), dim=0)
     assert similarity > 0.3, similarity
+
+
+def test_checkpointed_unet_and_mixed_dtypes():
+    """Gradients reach every LLLite parameter through the U-Net's gradient checkpointing; an fp32 network runs in
+    a bf16 U-Net (generation with a low-precision U-Net)."""
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(**TINY_SDXL_UNET)
+    model.requires_grad_(False)
+    model.enable_gradient_checkpointing()
+    model.train()
+    net = create_network(model, COND_EMB_DIM, NETWORK_DIM)
+    net.apply_to()
+    randomize(net)
+    net.set_cond_image(square_image(0, 0))
+    model(**unet_inputs()).sample.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+    model.to(torch.bfloat16).eval()
+    inputs = unet_inputs()
+    inputs["sample"] = inputs["sample"].bfloat16()
+    inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"].bfloat16()
+    inputs["added_cond_kwargs"] = {k: v.bfloat16() for k, v in inputs["added_cond_kwargs"].items()}
+    with torch.no_grad():
+        net.set_cond_image(square_image(0, 0))
+        out = model(**inputs).sample
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
 
 def test_bad_dims_rejected(unet):

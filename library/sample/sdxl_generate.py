@@ -345,6 +345,17 @@ def images_to_tensor(images: Iterable[Image.Image]) -> torch.Tensor:
     return torch.stack(arrays).permute(0, 3, 1, 2).float() / 255.0
 
 
+def initial_noise(generators: Sequence[torch.Generator], channels: int, height: int, width: int) -> torch.Tensor:
+    """Starting latents drawn in float32 on the CPU, one generator per image, then cast by the caller.
+
+    Drawing in the run's dtype would consume the generator differently for fp16/bf16, so `--fp16` would start from
+    other noise than fp32 for the same seed; drawing here keeps the seed -> image mapping across precisions and
+    devices. (This is exactly what the pipeline itself draws in float32.)
+    """
+    shape = (1, channels, height // LATENT_FACTOR, width // LATENT_FACTOR)
+    return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+
+
 def _move(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Move only when needed (diffusers warns on every dtype cast, even a no-op one)."""
     param = next(model.parameters())
@@ -429,7 +440,9 @@ class SDXLGenerator:
             init = [load_rgb(r.init_image, size) for r in batch]
             latents = self.img2img(image=init, strength=first.strength, **kwargs).images
         else:
-            latents = self.pipe(width=first.width, height=first.height, **kwargs).images
+            noise = initial_noise(generators, self.pipe.unet.config.in_channels, first.height, first.width)
+            latents = self.pipe(width=first.width, height=first.height, latents=noise.to(self.device, self.dtype),
+                                **kwargs).images
         self.networks.set_control(None)
         return self._decode(latents)
 

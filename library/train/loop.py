@@ -93,10 +93,11 @@ def build_session(cfg: RunConfig) -> Session:
     models["vae"].eval()
     device = accelerator.device
     vae_dtype = torch.float32 if cfg.model.no_half_vae else weight_dtype
-    models["vae"].to(device, vae_dtype)
-    denoiser.to(device, weight_dtype)
-    for te in models.get("text_encoders") or []:
-        te.to(device, weight_dtype)
+    for module, dtype in [(models["vae"], vae_dtype), (denoiser, weight_dtype)] + \
+            [(te, weight_dtype) for te in models.get("text_encoders") or []]:
+        module.to(device)
+        if dtype != torch.float32:
+            module.to(dtype)
     if cfg.training.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
         denoiser.train()  # diffusers only checkpoints in train mode
