@@ -149,11 +149,11 @@ def test_interrupt_saves_weights_and_state(tmp_path, tiny_sdxl_file, shapes_data
     calls = {"n": 0}
     original = loop.Trainer._load
 
-    def interrupt_on_third(self, pb):
+    def interrupt_on_third(self, pb, indices):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return original(self, pb)
+        return original(self, pb, indices)
 
     monkeypatch.setattr(loop.Trainer, "_load", interrupt_on_third)
     import sdxl_train_network

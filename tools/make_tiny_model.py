@@ -2,6 +2,10 @@
 
     python tools/make_tiny_model.py --family sdxl --output tiny_sdxl.safetensors [--format single_file] [--seed 0]
     python tools/make_tiny_model.py --family sdxl --output tiny_sdxl_folder --format diffusers
+    python tools/make_tiny_model.py --family flux --output tiny_flux [--format single_file|diffusers]
+
+A FLUX single_file output is a folder: flux.safetensors (BFL keys), ae.safetensors, clip_l.safetensors,
+t5xxl.safetensors and the tokenizer/ (CLIP) and tokenizer_2/ (T5) folders.
 
 The same seed gives the same weights in both formats. Families are registered in `FAMILIES`: a family is a
 function (output, format, seed) -> written path.
@@ -29,7 +33,9 @@ def _write_sdxl(output: str, fmt: str, seed: int) -> str:
 
 
 def _write_flux(output: str, fmt: str, seed: int) -> str:
-    raise UserError("--family flux: tiny FLUX models are not supported yet (only --family sdxl for now)")
+    from library.models.tiny_flux import save_tiny_flux
+
+    return save_tiny_flux(output, fmt, seed)  # type: ignore[arg-type]
 
 
 FAMILIES: dict[str, Writer] = {"sdxl": _write_sdxl, "flux": _write_flux}

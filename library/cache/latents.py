@@ -100,9 +100,11 @@ class LatentCache:
             return False
 
     def ensure(self, dataset: TrainDataset, encode_fn: Callable[[torch.Tensor], torch.Tensor],
-               batch_size: int, progress: bool = True) -> int:
+               batch_size: int, progress: bool = True, shard: tuple[int, int] = (0, 1)) -> int:
         """Encode every item whose cache is missing, stale or corrupt; returns how many were encoded. Images are
-        encoded in batches of one bucket; `encode_fn` maps [B,3,H,W] pixels in [-1,1] to [B,C,h,w] latents."""
+        encoded in batches of one bucket; `encode_fn` maps [B,3,H,W] pixels in [-1,1] to [B,C,h,w] latents.
+        `shard=(rank, world)` encodes only every world-th item: several processes on a disk cache each write a
+        disjoint share, wait for each other, then call ensure again unsharded, which only reads."""
         check_cacheable(dataset)
         # An image used by several subsets shares one file, which must hold what any of them needs.
         needs_flip = {latent_cache_path(item) for item in dataset.items if item.subset.flip_aug}
@@ -115,7 +117,7 @@ class LatentCache:
                 self._paths[index] = path
                 if path in scheduled:  # another item writes this very file
                     continue
-            if not self._is_valid(index, item, expected[index]):
+            if index % shard[1] == shard[0] and not self._is_valid(index, item, expected[index]):
                 todo[item.bucket].append(index)
                 scheduled.add(path)
         total = sum(len(v) for v in todo.values())

@@ -64,10 +64,13 @@ class TextOutputCache:
         except CacheCorrupt:
             return False
 
-    def ensure(self, captions: list[str], encode_fn: TextEncodeFn, batch_size: int, progress: bool = True) -> int:
+    def ensure(self, captions: list[str], encode_fn: TextEncodeFn, batch_size: int, progress: bool = True,
+               shard: tuple[int, int] = (0, 1)) -> int:
         """Encode the captions not yet cached (validly); returns how many were encoded. `encode_fn` returns tensors
-        whose first dimension is the batch."""
-        todo = [c for c in dict.fromkeys(captions) if not self._is_valid(c)]
+        whose first dimension is the batch. `shard=(rank, world)` encodes only every world-th caption (disk mode,
+        several processes: each writes a disjoint share, then all read)."""
+        rank, world = shard
+        todo = [c for i, c in enumerate(dict.fromkeys(captions)) if i % world == rank and not self._is_valid(c)]
         for k in tqdm(range(0, len(todo), batch_size), desc="caching text encoder outputs",
                       disable=not progress or not todo):
             chunk = todo[k:k + batch_size]

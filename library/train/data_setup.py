@@ -10,16 +10,31 @@ from library.config.train_config import RunConfig
 from library.train.family import ModelFamily
 
 
-def build_datasets(cfg: RunConfig) -> list[Any]:
+def build_datasets(cfg: RunConfig, num_processes: int = 1, verbose: bool = True) -> list[Any]:
+    """With N processes each dataset forms global batches of N x batch_size from one bucket; every process then
+    trains on its slice (see `local_slice`), so N processes x b train like 1 process x N*b."""
+    from dataclasses import replace
+
     from library.config.dataset_schema import load_dataset_config
     from library.data.dataset import TrainDataset
     from library.data.sources import collect_records
 
     group = load_dataset_config(cfg.training.dataset_config)
-    datasets = [TrainDataset(d, collect_records(d, group.source), cfg.training.seed) for d in group.datasets]
-    for ds in datasets:
-        print(ds.format_bucket_histogram())
+    datasets = []
+    for d in group.datasets:
+        records = collect_records(d, group.source)
+        datasets.append(TrainDataset(replace(d, batch_size=d.batch_size * num_processes), records, cfg.training.seed))
+    if verbose:
+        for ds in datasets:
+            print(ds.format_bucket_histogram())
     return datasets
+
+
+def local_slice(indices: tuple[int, ...], rank: int, world: int) -> list[int]:
+    """This process's share of a global batch: contiguous, as even as possible (the first ranks take the rest)."""
+    base, extra = divmod(len(indices), world)
+    start = rank * base + min(rank, extra)
+    return list(indices[start:start + base + (1 if rank < extra else 0)])
 
 
 def setup_caches(cfg: RunConfig, family: ModelFamily, models: dict[str, Any], datasets: list[Any], accelerator: Any,
@@ -38,6 +53,11 @@ def setup_caches(cfg: RunConfig, family: ModelFamily, models: dict[str, Any], da
             def encode(images: torch.Tensor) -> torch.Tensor:
                 return family.encode_images(models, images.to(accelerator.device)).float().cpu()
 
+            if c.cache_latents_to_disk and accelerator.num_processes > 1:
+                # each process writes a disjoint share of the files; then all read every file
+                cache.ensure(ds, encode, c.vae_batch_size, progress=accelerator.is_local_main_process,
+                             shard=(accelerator.process_index, accelerator.num_processes))
+                accelerator.wait_for_everyone()
             cache.ensure(ds, encode, c.vae_batch_size, progress=accelerator.is_local_main_process)
             ds.attach_latent_cache(cache)
         models["vae"].to("cpu")  # not needed on the device any more
@@ -55,5 +75,10 @@ def setup_caches(cfg: RunConfig, family: ModelFamily, models: dict[str, Any], da
         with accelerator.autocast():
             return {k: v.float().cpu() for k, v in family.encode_text(models, batch).items()}
 
+    if c.cache_text_encoder_outputs_to_disk and accelerator.num_processes > 1:
+        cache.ensure(captions, encode_text, batch_size=max(1, c.vae_batch_size),
+                     progress=accelerator.is_local_main_process,
+                     shard=(accelerator.process_index, accelerator.num_processes))
+        accelerator.wait_for_everyone()
     cache.ensure(captions, encode_text, batch_size=max(1, c.vae_batch_size), progress=accelerator.is_local_main_process)
     return cache

@@ -47,8 +47,10 @@ class ModelFamily(ABC):
         """Pixels in [-1, 1] -> scaled latents."""
 
     @abstractmethod
-    def noise_and_timesteps(self, latents: torch.Tensor, generator: torch.Generator, cfg: Any) -> NoisyInput:
-        ...
+    def noise_and_timesteps(self, latents: torch.Tensor, generator: torch.Generator | list[torch.Generator],
+                            cfg: Any) -> NoisyInput:
+        """`generator` is one generator per sample (or one for the batch): draw with library.train.noise.randn/rand
+        so that a sample's noise does not depend on how a global batch is split across processes."""
 
     @abstractmethod
     def predict(self, models: dict[str, Any], inp: NoisyInput, text: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:

@@ -48,9 +48,27 @@ class Session:
     batches_per_epoch: int
 
 
-def step_generator(seed: int, global_step: int, micro: int) -> torch.Generator:
-    """Noise and timesteps depend only on (seed, step): resume replays them exactly, whatever came before."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + global_step * 1009 + micro) % (2 ** 63))
+def step_generator(seed: int, global_step: int, micro: int, position: int = 0) -> torch.Generator:
+    """Noise and timesteps depend only on (seed, step, micro-batch, position in the global batch): resume replays
+    them exactly, and N processes draw what one process with the whole global batch would."""
+    return torch.Generator().manual_seed(
+        (seed * 1_000_003 + global_step * 1009 + micro * 101 + position * 7919) % (2 ** 63))
+
+
+def all_reduce_mean_(params: list[torch.nn.Parameter]) -> None:
+    """Average gradients over processes in one flat buffer. The network is not wrapped in DDP: its modules live
+    inside the frozen base model, so DDP's forward-driven reducer would never fire."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+        offset += n
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
@@ -80,7 +98,7 @@ def build_session(cfg: RunConfig) -> Session:
                               project_dir=cfg.log.logging_dir)
     set_seed(cfg.training.seed)
     family = get_family(cfg.family)
-    datasets = build_datasets(cfg)
+    datasets = build_datasets(cfg, accelerator.num_processes, verbose=accelerator.is_main_process)
     weight_dtype = DTYPES[cfg.training.mixed_precision]
 
     models = family.load_models(cfg.model, weight_dtype)
@@ -127,7 +145,10 @@ def build_session(cfg: RunConfig) -> Session:
     params = network.param_groups(cfg)
     optimizer = build_optimizer(params, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps)
-    network.module, optimizer, scheduler = accelerator.prepare(network.module, optimizer, scheduler)
+    # only the optimizer goes through accelerate (mixed-precision scaling); the scheduler steps once per optimizer
+    # step whatever the process count, and both are saved with the state for --resume
+    optimizer = accelerator.prepare(optimizer)
+    accelerator.register_for_checkpointing(network.module, scheduler)
     return Session(cfg, family, accelerator, models, network, datasets, optimizer, scheduler, text_cache,
                    weight_dtype, total_steps, batches_per_epoch)
 
@@ -155,13 +176,14 @@ class Trainer:
         with torch.no_grad():
             return s.family.encode_images(s.models, batch.images.to(s.accelerator.device)).to(s.weight_dtype)
 
-    def _loss(self, batch: Any, micro: int) -> torch.Tensor:
+    def _loss(self, batch: Any, micro: int, first_position: int) -> torch.Tensor:
         s, t = self.s, self.s.cfg.training
         latents = self._latents(batch)
         text = self._text(batch)
-        gen = step_generator(t.seed, self.state.global_step, micro)
-        inp = s.family.noise_and_timesteps(latents, gen, t)
-        torch.manual_seed(gen.initial_seed() % (2 ** 31))  # network dropout draws from the global RNG
+        gens = [step_generator(t.seed, self.state.global_step, micro, first_position + j)
+                for j in range(latents.shape[0])]
+        inp = s.family.noise_and_timesteps(latents, gens, t)
+        torch.manual_seed(step_generator(t.seed, self.state.global_step, micro).initial_seed() % (2 ** 31))
         s.network.before_forward(batch)
         with s.accelerator.autocast():
             pred = s.family.predict(s.models, inp, text, batch)
@@ -169,8 +191,36 @@ class Trainer:
         weights = s.family.loss_weights(s.models, inp, t)
         return masked_mse(pred, target, batch.alpha_masks, weights)
 
-    def _load(self, pb: PlannedBatch) -> Any:
-        return self.s.datasets[pb.dataset_index].load_batch(list(pb.item_indices), self.state.epoch)
+    def _load(self, pb: PlannedBatch, indices: list[int]) -> Any:
+        return self.s.datasets[pb.dataset_index].load_batch(indices, self.state.epoch)
+
+    def _micro_step(self, pb: PlannedBatch, micro: int) -> torch.Tensor:
+        """This process's share of one global batch; returns the global mean loss (for logging)."""
+        from library.train.data_setup import local_slice
+
+        s, acc = self.s, self.s.accelerator
+        world, rank = acc.num_processes, acc.process_index
+        local = local_slice(pb.item_indices, rank, world)
+        first = sum(len(local_slice(pb.item_indices, r, world)) for r in range(rank))
+        total = len(pb.item_indices)
+        params = [p for g in s.optimizer.param_groups for p in g["params"]]
+        if local:
+            loss = self._loss(self._load(pb, local), micro, first)
+        else:  # fewer samples than processes: this one contributes zero gradient
+            loss = sum(p.sum() for p in params) * 0.0
+        # weight so that the average over processes is the mean over the global batch
+        acc.backward(loss * (len(local) * world / total))
+        if acc.sync_gradients:
+            if world > 1:
+                all_reduce_mean_(params)
+            if s.cfg.optimizer.max_grad_norm:
+                acc.clip_grad_norm_(params, s.cfg.optimizer.max_grad_norm)
+        s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        logged = loss.detach().float() * len(local)
+        if world > 1:
+            logged = acc.reduce(logged, reduction="sum")
+        return logged / total
 
     # --- saving and sampling --------------------------------------------------------------------------------------
     def _metadata(self) -> dict[str, str] | None:
@@ -187,7 +237,7 @@ class Trainer:
         if s.accelerator.is_main_process:
             os.makedirs(s.cfg.save.output_dir, exist_ok=True)
             dtype = SAVE_DTYPES.get(s.cfg.save.save_precision or "", None)
-            s.accelerator.unwrap_model(s.network.module).save_weights(path, dtype, self._metadata())
+            s.network.module.save_weights(path, dtype, self._metadata())
         s.accelerator.wait_for_everyone()
         return path
 
@@ -231,10 +281,14 @@ class Trainer:
                       f"{self.state.epoch + 1}, batch {self.state.batch_in_epoch}")
         if acc.is_main_process and cfg.log.logging_dir:
             acc.init_trackers(cfg.log.log_prefix or "network_train")
-        per_device = max(d.batch_size for d in s.datasets)
+        per_device = max(d.batch_size for d in s.datasets) // acc.num_processes
+        accum = cfg.training.gradient_accumulation_steps
+        effective = per_device * acc.num_processes * accum
         acc.print(f"batches per epoch: {s.batches_per_epoch}, total optimization steps: {s.total_steps}, "
-                  f"effective batch: {per_device} x {acc.num_processes} process(es) x "
-                  f"{cfg.training.gradient_accumulation_steps} accumulation")
+                  f"effective batch: {per_device} per device x {acc.num_processes} process(es) x "
+                  f"{accum} accumulation = {effective}")
+        if cfg.log.logging_dir:
+            acc.log({"config/effective_batch_size": effective}, step=self.state.global_step)
         if cfg.sample.sample_at_first and self.state.global_step == 0:
             self.sample()
         bar = tqdm(total=s.total_steps, initial=self.state.global_step, disable=not acc.is_local_main_process,
@@ -263,18 +317,12 @@ class Trainer:
         while self.state.global_step < s.total_steps:
             plan = plan_epoch(s.datasets, self.state.epoch, s.cfg.training.seed)
             for i in range(self.state.batch_in_epoch, len(plan)):
-                micro = i % accum
                 with acc.accumulate(s.network.module):
-                    loss = self._loss(self._load(plan[i]), micro)
-                    acc.backward(loss)
-                    if acc.sync_gradients and s.cfg.optimizer.max_grad_norm:
-                        acc.clip_grad_norm_(s.network.module.parameters(), s.cfg.optimizer.max_grad_norm)
-                    s.optimizer.step()
-                    s.scheduler.step()
-                    s.optimizer.zero_grad(set_to_none=True)
+                    loss = self._micro_step(plan[i], i % accum)
                 self.state.batch_in_epoch = i + 1
                 if not acc.sync_gradients:
                     continue
+                s.scheduler.step()
                 self.state.global_step += 1
                 value = loss.detach().item()
                 self.losses.append(value)
@@ -295,4 +343,10 @@ class Trainer:
 
 
 def train(cfg: RunConfig) -> TrainResult:
-    return Trainer(build_session(cfg)).run()
+    try:
+        return Trainer(build_session(cfg)).run()
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # a clean exit: no abort or hang when the processes end

@@ -56,7 +56,7 @@ class SDXLFamily(ModelFamily):
         return latents * getattr(vae.config, "scaling_factor", SDXL_VAE_SCALE)
 
     # --- noise and prediction -----------------------------------------------------------------------------------
-    def noise_and_timesteps(self, latents: torch.Tensor, generator: torch.Generator, cfg: Any) -> NoisyInput:
+    def noise_and_timesteps(self, latents: torch.Tensor, generator: Any, cfg: Any) -> NoisyInput:
         noise = noise_lib.sample_noise(latents, generator, cfg.noise_offset)
         t = noise_lib.sample_timesteps(latents.shape[0], generator, cfg.min_timestep, cfg.max_timestep, latents.device)
         noisy = noise_lib.add_noise(latents, noise, t, self.alphas_cumprod)

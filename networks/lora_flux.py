@@ -1,0 +1,366 @@
+"""LoRA for FLUX.1 in kohya's file layout, with sd-scripts' network-module interface (`--network_module networks.lora_flux`).
+
+The transformer runs as diffusers' `FluxTransformer2DModel`, but published FLUX LoRA files (sd-scripts, ComfyUI,
+diffusers' kohya reader) name modules after BFL's reference code: `lora_unet_double_blocks_0_img_attn_qkv`,
+`lora_unet_single_blocks_0_linear1`, ... The key table in library.models.flux_keys gives, for each BFL Linear, the
+diffusers Linear(s) holding it. Where BFL fuses layers that diffusers keeps apart (q/k/v, and in single blocks
+q/k/v + MLP input), one `FusedLoRAModule` holds one `lora_down` and one `lora_up` over the concatenated outputs and
+adds each member layer its rows of the update: the file then has exactly the published shapes.
+
+`split_qkv=True` (network_args) trains q, k, v (and the MLP input) with separate rank-r updates, as sd-scripts does;
+they are stored fused, the sd-scripts way: `lora_down` stacked (rank n*r), `lora_up` block-diagonal. The stored
+alpha is n times the per-part alpha, so that `alpha / rank` (what every reader computes) is the trained scale.
+
+Text encoders (optional): CLIP-L as `lora_te1_text_model_encoder_layers_*` (published transformers-4 spelling) and,
+with `train_t5xxl=True`, T5 as `lora_te3_encoder_block_*`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from library.errors import ConfigError, ModelLoadError
+from library.models import flux_keys
+from networks import kohya_names as kn
+from networks import lora as base
+from networks.lora import LoRAModule, LoRANetwork, LoRATarget, find_targets
+from networks.targets import KEY_DOWN, LORA_PREFIX_UNET, TEXT_ENCODER_TARGET_CONTAINERS
+
+logger = logging.getLogger(__name__)
+
+NETWORK_MODULE = "networks.lora_flux"
+LORA_PREFIX_CLIP = "lora_te1"
+LORA_PREFIX_T5 = "lora_te3"
+T5_TARGET_CONTAINERS: tuple[str, ...] = ("T5Attention", "T5DenseGatedActDense", "T5DenseActDense")
+TRAIN_BLOCKS = ("all", "single", "double")
+_FLUX_ARGS = ("train_blocks", "split_qkv", "train_t5xxl")
+_IGNORED_ARGS = ("conv_dim", "conv_alpha")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One fused module over several layers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class FusedLoRAModule(LoRAModule):
+    """A LoRA over several Linears that share their input (BFL's fused qkv / linear1), stored as one module.
+
+    The update of member j is `up[rows_j] @ down @ x`. Members are called separately by diffusers with the same input
+    tensor; `down(x)` is computed once and reused by the other members of that call (same tensor object), so the
+    cost and the dropout draws are those of one fused layer.
+    """
+
+    def __init__(self, lora_name: str, members: Sequence[nn.Linear], multiplier: float = 1.0, lora_dim: int = 4,
+                 alpha: float | None = 1.0, dropout: float | None = None, rank_dropout: float | None = None,
+                 module_dropout: float | None = None, split: bool = False):
+        in_features = members[0].in_features
+        if any(not isinstance(m, nn.Linear) or m.in_features != in_features for m in members):
+            raise TypeError(f"{lora_name}: fused members must be Linear layers with the same input size")
+        sizes = [m.out_features for m in members]
+        n = len(members)
+        alpha = float(lora_dim if alpha is None or alpha == 0 else alpha)
+        rank, stored_alpha = (lora_dim * n, alpha * n) if split else (lora_dim, alpha)
+        placeholder = nn.Linear(in_features, sum(sizes), bias=False, device="meta")  # shapes only
+        super().__init__(lora_name, placeholder, multiplier, rank, stored_alpha, dropout, rank_dropout, module_dropout)
+        self._members = tuple(members)
+        self.sizes = sizes
+        self.offsets = [sum(sizes[:j]) for j in range(n)]
+        self.split = split
+        if split:  # block-diagonal up: part j only sees its own r ranks
+            mask = torch.zeros(sum(sizes), rank)
+            for j in range(n):
+                mask[self.offsets[j]:self.offsets[j] + sizes[j], j * lora_dim:(j + 1) * lora_dim] = 1.0
+            self.register_buffer("up_mask", mask, persistent=False)
+        else:
+            self.up_mask = None
+        self._member_forwards: list[Any] | None = None
+        self._had_instance: list[bool] = []
+        self._cache: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    @property
+    def members(self) -> tuple[nn.Linear, ...]:
+        return self._members
+
+    @property
+    def is_applied(self) -> bool:
+        return self._member_forwards is not None
+
+    def apply_to(self) -> None:
+        if self.is_applied:
+            return
+        self._had_instance = ["forward" in m.__dict__ for m in self._members]
+        self._member_forwards = [m.forward for m in self._members]
+        for j, m in enumerate(self._members):
+            m.forward = (lambda x, j=j: self.member_forward(j, x))
+
+    def restore(self) -> None:
+        if not self.is_applied:
+            return
+        for m, had, fwd in zip(self._members, self._had_instance, self._member_forwards or []):
+            if had:
+                m.forward = fwd
+            else:
+                del m.forward
+        self._member_forwards = None
+        self._cache = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused layer: all members' outputs concatenated (what BFL's qkv / linear1 would return)."""
+        return torch.cat([self.member_forward(j, x) for j in range(len(self._members))], dim=-1)
+
+    def _up_weight(self) -> torch.Tensor:
+        w = self.lora_up.weight
+        return w * self.up_mask.to(w.dtype) if self.up_mask is not None else w
+
+    def _down(self, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """(down(x) after dropouts, scale), shared by the members called with this `x`; None = module dropped."""
+        if self._cache is not None and self._cache[0] is x:
+            _, lx, left = self._cache
+            self._cache = (x, lx, left - 1) if left > 1 else None
+            return (lx, self._cache_scale) if lx is not None else None
+        scale = self.scale
+        lx: torch.Tensor | None
+        if self.module_dropout and self.training and torch.rand(1).item() < self.module_dropout:
+            lx = None
+        else:
+            lx = self.lora_down(x.to(self.lora_down.weight.dtype))
+            if self.dropout and self.training:
+                lx = F.dropout(lx, p=self.dropout)
+            if self.rank_dropout and self.training:
+                mask = torch.rand((lx.size(0), self.lora_dim), device=lx.device) > self.rank_dropout
+                if lx.dim() == 3:
+                    mask = mask.unsqueeze(1)
+                lx = lx * mask.to(lx.dtype)
+                scale = scale / (1.0 - self.rank_dropout)
+        self._cache_scale = scale
+        n = len(self._members)
+        self._cache = (x, lx, n - 1) if n > 1 else None  # type: ignore[assignment]
+        return (lx, scale) if lx is not None else None
+
+    def member_forward(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        if self._member_forwards is None:
+            raise RuntimeError(f"{self.lora_name}: call apply_to() before using the module")
+        org_out = self._member_forwards[j](x)
+        down = self._down(x)
+        if down is None:
+            return org_out
+        lx, scale = down
+        rows = self._up_weight()[self.offsets[j]:self.offsets[j] + self.sizes[j]]
+        return org_out + (F.linear(lx, rows) * (self.multiplier * scale)).to(org_out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self._up_weight().float() @ self.lora_down.weight.float()) * self.scale
+
+    @torch.no_grad()
+    def merge_into_org(self, multiplier: float | None = None, device: torch.device | str | None = None) -> None:
+        self.restore()
+        mult = self.multiplier if multiplier is None else float(multiplier)
+        delta = self.delta_weight() * mult
+        for m, off, size in zip(self._members, self.offsets, self.sizes):
+            work = torch.device(device) if device is not None else m.weight.device
+            merged = m.weight.to(work, torch.float32) + delta[off:off + size].to(work)
+            m.weight.copy_(merged.to(m.weight.device, m.weight.dtype))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Targets
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _block_counts(transformer: nn.Module) -> tuple[int, int]:
+    cfg = getattr(transformer, "config", None)
+    if cfg is not None and hasattr(cfg, "num_layers"):
+        return int(cfg.num_layers), int(cfg.num_single_layers)
+    names = [n for n, _ in transformer.named_modules()]
+    return (flux_keys.count_blocks(names, flux_keys.DOUBLE_BLOCKS[1]),
+            flux_keys.count_blocks(names, flux_keys.SINGLE_BLOCKS[1]))
+
+
+def transformer_targets(transformer: nn.Module, train_blocks: str = "all") -> list[tuple[str, tuple[nn.Linear, ...]]]:
+    """(kohya name, diffusers Linear(s)) for every Linear of the double / single blocks."""
+    if train_blocks not in TRAIN_BLOCKS:
+        raise ConfigError(f"expected one of {TRAIN_BLOCKS}, got {train_blocks!r}", table="--network_args",
+                          key="train_blocks")
+    modules = dict(transformer.named_modules())
+    num_double, num_single = _block_counts(transformer)
+    out = []
+    for row in flux_keys.block_linear_rows(num_double, num_single):
+        is_double = row.bfl.startswith(flux_keys.DOUBLE_BLOCKS[0] + ".")
+        if (train_blocks == "single" and is_double) or (train_blocks == "double" and not is_double):
+            continue
+        try:
+            layers = tuple(modules[d] for d in row.diffusers)
+        except KeyError as e:
+            raise ModelLoadError(f"FLUX transformer has no module {e.args[0]!r}: networks.lora_flux expects diffusers' "
+                                 "FluxTransformer2DModel") from None
+        out.append((kn.lora_name(LORA_PREFIX_UNET, row.bfl), layers))
+    return out
+
+
+def text_encoder_targets(text_encoders: Sequence[nn.Module], train_t5xxl: bool) -> list[LoRATarget]:
+    """CLIP-L (first encoder) as lora_te1_*, T5 (second) as lora_te3_* when asked for."""
+    targets: list[LoRATarget] = []
+    if len(text_encoders) > 0 and text_encoders[0] is not None:
+        targets += find_targets(text_encoders[0], TEXT_ENCODER_TARGET_CONTAINERS,
+                                lambda p: kn.lora_name(LORA_PREFIX_CLIP, kn.published_clip_path(p)))
+    if train_t5xxl and len(text_encoders) > 1 and text_encoders[1] is not None:
+        targets += find_targets(text_encoders[1], T5_TARGET_CONTAINERS, lambda p: kn.lora_name(LORA_PREFIX_T5, p))
+    return targets
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The network
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class FluxLoRANetwork(LoRANetwork):
+    """All LoRA modules of one FLUX model; `state_dict()` is exactly the kohya FLUX file layout.
+
+    Applying, saving, loading, merging and the optimizer groups are LoRANetwork's; only the module set differs.
+    """
+
+    def __init__(self, text_encoders: Any, transformer: nn.Module | None, multiplier: float = 1.0, lora_dim: int = 4,
+                 alpha: float = 1.0, dropout: float | None = None, rank_dropout: float | None = None,
+                 module_dropout: float | None = None, modules_dim: Mapping[str, int] | None = None,
+                 modules_alpha: Mapping[str, float] | None = None, train_blocks: str = "all", split_qkv: bool = False,
+                 train_t5xxl: bool = False, loraplus_lr_ratio: float | None = None,
+                 loraplus_unet_lr_ratio: float | None = None, loraplus_text_encoder_lr_ratio: float | None = None):
+        super().__init__([], None, multiplier=multiplier, lora_dim=lora_dim, alpha=alpha, dropout=dropout,
+                         rank_dropout=rank_dropout, module_dropout=module_dropout,
+                         loraplus_lr_ratio=loraplus_lr_ratio, loraplus_unet_lr_ratio=loraplus_unet_lr_ratio,
+                         loraplus_text_encoder_lr_ratio=loraplus_text_encoder_lr_ratio)
+        self.train_blocks, self.split_qkv, self.train_t5xxl = train_blocks, bool(split_qkv), bool(train_t5xxl)
+        tes = base._text_encoder_list(text_encoders)
+        if modules_dim is not None:  # from a file: every module the file has, whatever the flags say
+            train_t5xxl = any(name.startswith(LORA_PREFIX_T5 + "_") for name in modules_dim)
+            train_blocks = "all"
+        te_targets = text_encoder_targets(tes, train_t5xxl)
+        self.text_encoder_loras = self._make_modules(te_targets, modules_dim, modules_alpha)
+        self.unet_loras = []
+        if transformer is not None:
+            for name, layers in transformer_targets(transformer, train_blocks):
+                module = self._make_transformer_module(name, layers, modules_dim, modules_alpha)
+                if module is not None:
+                    self.unet_loras.append(module)
+        if modules_dim is not None:
+            made = {m.lora_name for m in self.loras}
+            self.unmatched_names = sorted(set(modules_dim) - made)
+        for lora in self.loras:
+            self.add_module(lora.lora_name, lora)
+        logger.info("FLUX LoRA: %d text-encoder modules, %d transformer modules", len(self.text_encoder_loras),
+                    len(self.unet_loras))
+
+    def _make_transformer_module(self, name: str, layers: tuple[nn.Linear, ...],
+                                 modules_dim: Mapping[str, int] | None,
+                                 modules_alpha: Mapping[str, float] | None) -> LoRAModule | None:
+        if modules_dim is not None:
+            if name not in modules_dim:
+                return None
+            dim, alpha, split = modules_dim[name], (modules_alpha or {}).get(name, modules_dim[name]), False
+        else:
+            dim, alpha, split = self.lora_dim, self.alpha, self.split_qkv
+        if len(layers) == 1:
+            return LoRAModule(name, layers[0], self.multiplier, dim, alpha, self.dropout, self.rank_dropout,
+                              self.module_dropout)
+        return FusedLoRAModule(name, layers, self.multiplier, dim, alpha, self.dropout, self.rank_dropout,
+                               self.module_dropout, split=split)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# sd-scripts' module-level entry points
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _bool_arg(key: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", "none", ""):
+        return False
+    raise ConfigError(f"expected True or False, got {raw!r}", table="--network_args", key=key)
+
+
+def parse_flux_network_args(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """FLUX's own network_args (train_blocks, split_qkv, train_t5xxl) plus the shared ones of networks.lora."""
+    out: dict[str, Any] = {}
+    shared: dict[str, Any] = {}
+    for key, raw in kwargs.items():
+        if raw is None:
+            continue
+        if key in _IGNORED_ARGS:
+            logger.warning("--network_args %s=%s is ignored: FLUX has no convolutions in its blocks", key, raw)
+        elif key == "train_blocks":
+            value = str(raw).strip().lower()
+            if value not in TRAIN_BLOCKS:
+                raise ConfigError(f"expected one of {TRAIN_BLOCKS}, got {raw!r}", table="--network_args", key=key)
+            out[key] = value
+        elif key in ("split_qkv", "train_t5xxl"):
+            out[key] = _bool_arg(key, raw)
+        else:
+            shared[key] = raw
+    out.update(base._parse_network_args(shared))
+    return out
+
+
+def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae: Any,
+                   text_encoder: Any, unet: nn.Module, neuron_dropout: float | None = None,
+                   **kwargs: Any) -> FluxLoRANetwork:
+    """A fresh FLUX network. `kwargs` are `--network_args` strings: train_blocks (all|single|double), split_qkv,
+    train_t5xxl, rank_dropout, module_dropout, loraplus_lr_ratio, loraplus_unet_lr_ratio,
+    loraplus_text_encoder_lr_ratio (conv_dim / conv_alpha are ignored with a warning)."""
+    args = parse_flux_network_args(kwargs)
+    return FluxLoRANetwork(
+        text_encoder, unet, multiplier=multiplier, lora_dim=4 if network_dim is None else int(network_dim),
+        alpha=1.0 if network_alpha is None else float(network_alpha),
+        dropout=neuron_dropout if neuron_dropout is not None else args.get("dropout"),
+        rank_dropout=args.get("rank_dropout"), module_dropout=args.get("module_dropout"),
+        train_blocks=args.get("train_blocks", "all"), split_qkv=args.get("split_qkv", False),
+        train_t5xxl=args.get("train_t5xxl", False), loraplus_lr_ratio=args.get("loraplus_lr_ratio"),
+        loraplus_unet_lr_ratio=args.get("loraplus_unet_lr_ratio"),
+        loraplus_text_encoder_lr_ratio=args.get("loraplus_text_encoder_lr_ratio"),
+    )
+
+
+def create_network_from_weights(multiplier: float, file: str | os.PathLike | None, vae: Any, text_encoder: Any,
+                                unet: nn.Module, weights_sd: Mapping[str, torch.Tensor] | None = None,
+                                for_inference: bool = False, **kwargs: Any) -> tuple[FluxLoRANetwork, dict]:
+    """A network shaped like a kohya FLUX file (its modules, ranks, alphas); returns (network, normalised weights).
+    Nothing is loaded here (as in sd-scripts): call `load_weights` / `load_state_dict` after `apply_to`."""
+    if weights_sd is None:
+        if file is None:
+            raise ModelLoadError("create_network_from_weights needs a file or weights_sd")
+        weights_sd = base.load_weights_file(file)[0]
+    source = os.fspath(file) if file is not None else "LoRA state dict"
+    weights_sd = kn.prepare_for_loading(weights_sd)
+    modules_dim, modules_alpha = kn.infer_dims_and_alphas(weights_sd)
+    if not modules_dim:
+        raise ModelLoadError(f"{source}: no '*.{KEY_DOWN}' tensors: not a kohya LoRA file")
+    args = parse_flux_network_args(kwargs)
+    network = FluxLoRANetwork(
+        text_encoder, unet, multiplier=multiplier, modules_dim=modules_dim, modules_alpha=modules_alpha,
+        dropout=None if for_inference else args.get("dropout"),
+        rank_dropout=None if for_inference else args.get("rank_dropout"),
+        module_dropout=None if for_inference else args.get("module_dropout"),
+    )
+    if network.unmatched_names:
+        if not network.loras:
+            raise ModelLoadError(f"{source}: none of its {len(modules_dim)} modules exist in this FLUX model (not a "
+                                 f"FLUX LoRA?), e.g. {network.unmatched_names[0]}")
+        logger.warning("%s: %d modules have no matching layer and are ignored, e.g. %s", source,
+                       len(network.unmatched_names), ", ".join(network.unmatched_names[:3]))
+    if network.unet_loras:
+        first = next((m for m in network.unet_loras if not isinstance(m, FusedLoRAModule)), network.unet_loras[0])
+        network.lora_dim, network.alpha = first.lora_dim, float(first.alpha)
+    return network, weights_sd
+
+
+__all__ = ["FluxLoRANetwork", "FusedLoRAModule", "create_network", "create_network_from_weights",
+           "parse_flux_network_args", "text_encoder_targets", "transformer_targets"]
