@@ -1,4 +1,6 @@
-"""LoRA for FLUX.1 in kohya's file layout, with sd-scripts' network-module interface (`--network_module networks.lora_flux`).
+"""LoRA for FLUX.1 in kohya's file layout, with sd-scripts' network-module interface.
+
+`--network_module networks.lora_flux` (the default of flux_train_network.py).
 
 The transformer runs as diffusers' `FluxTransformer2DModel`, but published FLUX LoRA files (sd-scripts, ComfyUI,
 diffusers' kohya reader) name modules after BFL's reference code: `lora_unet_double_blocks_0_img_attn_qkv`,

@@ -31,10 +31,12 @@ def test_cli_writes_sdxl_single_file(tmp_path):
         assert all(torch.equal(ref[k], got[k]) for k in ref), part
 
 
-def test_cli_flux_is_a_clear_error(tmp_path):
+def test_cli_flux_writes_the_single_file_set(tmp_path):
     result = _run("--family", "flux", "--output", str(tmp_path / "flux"), cwd=str(tmp_path))
-    assert result.returncode == 2
-    assert "not supported yet" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 0, result.stderr
+    for name in ("flux.safetensors", "ae.safetensors", "clip_l.safetensors", "t5xxl.safetensors"):
+        assert (tmp_path / "flux" / name).is_file(), name
+    assert (tmp_path / "flux" / "tokenizer_2").is_dir()
 
 
 def test_cli_rejects_unknown_family_and_format(tmp_path):

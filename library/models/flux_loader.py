@@ -220,7 +220,8 @@ def load_clip_l(path: str, dtype: torch.dtype = torch.float32) -> CLIPTextModel:
         with init_empty_weights():
             model = CLIPTextModel(config)
     except (KeyError, ValueError, TypeError) as exc:
-        raise ModelLoadError(f"{path}: not a CLIP text encoder in the HF CLIPTextModel layout (missing {exc})") from None
+        raise ModelLoadError(f"{path}: not a CLIP text encoder in the HF CLIPTextModel layout "
+                             f"(missing {exc})") from None
     _load_module(path, "CLIP-L text encoder", model, sdxl_keys.fit_text_encoder_keys(sd, model), dtype,
                  optional_missing=("text_model.embeddings.position_ids", "embeddings.position_ids"))
     return model
@@ -311,7 +312,8 @@ def load_flux_files(path: str, *, ae: str | None = None, clip_l: str | None = No
                                  f"{', '.join(missing)}")
         transformer = _diffusers_component(path, "transformer", FluxTransformer2DModel, dtype)
         vae = load_flux_ae(ae, dtype) if ae else _diffusers_component(path, "vae", AutoencoderKL, dtype)
-        te1 = load_clip_l(clip_l, dtype) if clip_l else _diffusers_component(path, "text_encoder", CLIPTextModel, dtype)
+        te1 = (load_clip_l(clip_l, dtype) if clip_l
+               else _diffusers_component(path, "text_encoder", CLIPTextModel, dtype))
         te2 = load_t5xxl(t5xxl, dtype) if t5xxl else _diffusers_component(path, "text_encoder_2", T5EncoderModel, dtype)
         roots = [path, tokenizer_cache_dir]
     else:

@@ -28,7 +28,8 @@ TINY_FLUX_TRANSFORMER = dict(
     joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
 )
 TINY_FLUX_AE = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
     block_out_channels=(16, 32, 32, 32), layers_per_block=2, latent_channels=16, norm_num_groups=8, sample_size=64,
     scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
 )

@@ -43,8 +43,9 @@ class ModelFamily(ABC):
         ...
 
     @abstractmethod
-    def encode_images(self, models: dict[str, Any], images: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1] -> scaled latents."""
+    def encode_images(self, models: dict[str, Any], images: torch.Tensor, generators: Any = None) -> torch.Tensor:
+        """Pixels in [-1, 1] -> scaled latents; `generators` (one per sample) make the posterior sample
+        reproducible."""
 
     @abstractmethod
     def noise_and_timesteps(self, latents: torch.Tensor, generator: torch.Generator | list[torch.Generator],

@@ -93,7 +93,9 @@ def build_session(cfg: RunConfig) -> Session:
     log_with = None
     if cfg.log.logging_dir:
         log_with = cfg.log.log_with or "tensorboard"
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
+    # without a GPU, cpu=True is what makes accelerate form a gloo group under torchrun (MULTI_CPU)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
                               mixed_precision=cfg.training.mixed_precision, log_with=log_with,
                               project_dir=cfg.log.logging_dir)
     set_seed(cfg.training.seed)
@@ -169,19 +171,19 @@ class Trainer:
         with torch.set_grad_enabled(s.network.trains_text_encoder), s.accelerator.autocast():
             return s.family.encode_text(s.models, batch.captions)
 
-    def _latents(self, batch: Any) -> torch.Tensor:
+    def _latents(self, batch: Any, gens: list[torch.Generator]) -> torch.Tensor:
         s = self.s
         if batch.latents is not None:
             return batch.latents.to(s.accelerator.device, s.weight_dtype)
         with torch.no_grad():
-            return s.family.encode_images(s.models, batch.images.to(s.accelerator.device)).to(s.weight_dtype)
+            return s.family.encode_images(s.models, batch.images.to(s.accelerator.device), gens).to(s.weight_dtype)
 
     def _loss(self, batch: Any, micro: int, first_position: int) -> torch.Tensor:
         s, t = self.s, self.s.cfg.training
-        latents = self._latents(batch)
-        text = self._text(batch)
         gens = [step_generator(t.seed, self.state.global_step, micro, first_position + j)
-                for j in range(latents.shape[0])]
+                for j in range(len(batch.captions))]
+        latents = self._latents(batch, gens)
+        text = self._text(batch)
         inp = s.family.noise_and_timesteps(latents, gens, t)
         torch.manual_seed(step_generator(t.seed, self.state.global_step, micro).initial_seed() % (2 ** 31))
         s.network.before_forward(batch)

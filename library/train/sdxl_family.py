@@ -50,9 +50,13 @@ class SDXLFamily(ModelFamily):
         hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
         return {"encoder_hidden_states": hidden, "pooled": out2.text_embeds}
 
-    def encode_images(self, models: dict[str, Any], images: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, models: dict[str, Any], images: torch.Tensor, generators: Any = None) -> torch.Tensor:
         vae = models["vae"]
-        latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.sample()
+        dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+        if generators is None:
+            latents = dist.sample()
+        else:  # per-sample draws: the same latents however the batch is split across processes
+            latents = dist.mean + dist.std * noise_lib.randn(tuple(dist.mean.shape), generators).to(dist.mean)
         return latents * getattr(vae.config, "scaling_factor", SDXL_VAE_SCALE)
 
     # --- noise and prediction -----------------------------------------------------------------------------------

@@ -1,0 +1,273 @@
+"""FLUX.1: the family hooks of the shared loop (flow matching on 2x2-packed latents, T5 + CLIP-L, Kontext pairs).
+
+Training follows sd-scripts' `flux_train_network.py`: latents are noised along the straight path
+`x_t = (1 - t) x_0 + t noise`, the transformer is asked for the velocity `noise - x_0`, timesteps come from one of
+sd-scripts' samplers, and guidance-distilled models (dev) get `--guidance_scale` as their guidance input.
+
+Paired (Kontext-style) mode: the control image's latents are packed and appended after the target's tokens, with
+position ids whose first index is 1 (FLUX.1 Kontext's convention), and only the target tokens' output is kept, so
+the loss never sees the control tokens.
+
+The FLUX flags reach this family inside `cfg.model` (a FluxModelConfig); `load_models` keeps them on the instance
+because the loop hands `noise_and_timesteps` only the shared TrainingConfig.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable
+
+import torch
+
+from library.config.flux_config import FluxConfig
+from library.errors import UserError
+from library.train import noise as noise_lib
+from library.train.family import ModelFamily, NoisyInput, SampleRequest, module_fingerprint, register_family
+
+logger = logging.getLogger(__name__)
+
+CLIP_MAX_LENGTH = 77
+FLOW_STEPS = 1000
+# FLUX's resolution-dependent shift: mu grows linearly with the image-token count from 0.5 (256) to 1.15 (4096).
+BASE_SEQ_LEN, MAX_SEQ_LEN, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15
+KONTEXT_CONTROL_INDEX = 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# packing and position ids
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, H/2 * W/2, C * 4]: FLUX sees 2x2 latent patches as tokens."""
+    b, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise UserError(f"FLUX needs even latent sizes (images a multiple of 16 px); got latents {h}x{w}")
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of pack_latents for a latent size (height, width)."""
+    b, _, d = tokens.shape
+    c = d // 4
+    x = tokens.view(b, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, height, width)
+
+
+def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype, index: float = 0.0) -> torch.Tensor:
+    """[h/2 * w/2, 3] rotary position ids (index, row, column) of packed latent tokens."""
+    h, w = height // 2, width // 2
+    ids = torch.zeros(h, w, 3, device=device, dtype=dtype)
+    ids[..., 0] = index
+    ids[..., 1] = torch.arange(h, device=device, dtype=dtype)[:, None]
+    ids[..., 2] = torch.arange(w, device=device, dtype=dtype)[None, :]
+    return ids.reshape(h * w, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# timesteps
+def shift_sigmas(t: torch.Tensor, shift: float) -> torch.Tensor:
+    return (t * shift) / (1 + (shift - 1) * t)
+
+
+def flux_mu(image_seq_len: int) -> float:
+    m = (MAX_SHIFT - BASE_SHIFT) / (MAX_SEQ_LEN - BASE_SEQ_LEN)
+    return image_seq_len * m + (BASE_SHIFT - m * BASE_SEQ_LEN)
+
+
+def sample_sigmas(batch: int, generators: Any, fcfg: FluxConfig, image_seq_len: int) -> torch.Tensor:
+    """t in (0, 1] per sample, by sd-scripts' --timestep_sampling methods; one generator per sample (or one for
+    the batch), as the loop hands them out."""
+    method = fcfg.timestep_sampling
+    if method == "uniform":
+        return noise_lib.rand(batch, generators)
+    if method == "sigma":  # uniform over the 1000 steps of the shifted discrete schedule
+        idx = noise_lib.sample_timesteps(batch, generators, 0, FLOW_STEPS, torch.device("cpu")).float()
+        return shift_sigmas((FLOW_STEPS - idx) / FLOW_STEPS, fcfg.discrete_flow_shift)
+    t = torch.sigmoid(fcfg.sigmoid_scale * noise_lib.randn((batch,), generators))
+    if method == "shift":
+        return shift_sigmas(t, fcfg.discrete_flow_shift)
+    if method == "flux_shift":
+        mu = math.exp(flux_mu(image_seq_len))
+        return mu / (mu + (1 / t.clamp(min=1e-6) - 1))
+    return t  # sigmoid
+
+
+def check_device_flags(fcfg: FluxConfig) -> None:
+    """--fp8_base / --blocks_to_swap: say so instead of silently training without them."""
+    for flag, on in (("--fp8_base", fcfg.fp8_base), ("--blocks_to_swap", bool(fcfg.blocks_to_swap))):
+        if not on:
+            continue
+        if not torch.cuda.is_available():
+            raise UserError(f"{flag} needs a CUDA GPU, and none is available: drop the flag to train on the CPU")
+        raise UserError(f"{flag} is not supported by this trainer yet: drop the flag (or use --mixed_precision bf16 "
+                        "and --gradient_checkpointing to save memory)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+@register_family("flux")
+class FluxFamily(ModelFamily):
+    denoiser_key = "transformer"
+
+    def __init__(self) -> None:
+        self.flux_cfg = FluxConfig()
+        self._degrade_spec = None
+        self._warned_snr = False
+
+    # --- models -------------------------------------------------------------------------------------------------
+    def load_models(self, cfg: Any, dtype: torch.dtype) -> dict[str, Any]:
+        from library.models.flux_loader import load_flux
+
+        fcfg = getattr(cfg, "flux", None) or FluxConfig()
+        check_device_flags(fcfg)
+        self.flux_cfg = fcfg
+        if fcfg.kontext_degrade:
+            from library.data.degrade import parse_degrade_spec
+
+            self._degrade_spec = parse_degrade_spec(fcfg.kontext_degrade)
+        m = load_flux(cfg, torch.float32)
+        guidance = bool(m.transformer.config.guidance_embeds)
+        t5_len = fcfg.t5xxl_max_token_length or (512 if guidance else 256)
+        return {"transformer": m.transformer, "vae": m.ae, "text_encoders": [m.clip_l, m.t5],
+                "tokenizers": [m.tokenizer_clip, m.tokenizer_t5], "flux_cfg": fcfg, "t5_max_length": t5_len}
+
+    def model_identity(self, models: dict[str, Any], part: str) -> str:
+        if part == "vae":
+            return "flux-ae-" + module_fingerprint(models["vae"])
+        fcfg = models.get("flux_cfg") or self.flux_cfg
+        encoders = "-".join(module_fingerprint(te) for te in models["text_encoders"])
+        return f"flux-te-{encoders}-t5len{models['t5_max_length']}-mask{int(fcfg.apply_t5_attn_mask)}"
+
+    # --- encoders -----------------------------------------------------------------------------------------------
+    def encode_text(self, models: dict[str, Any], captions: list[str]) -> dict[str, torch.Tensor]:
+        clip, t5 = models["text_encoders"]
+        tok_clip, tok_t5 = models["tokenizers"]
+        fcfg = models.get("flux_cfg") or self.flux_cfg
+        device = next(clip.parameters()).device
+        ids = tok_clip(captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
+                       return_tensors="pt").input_ids.to(device)
+        pooled = clip(ids, output_hidden_states=False).pooler_output
+        tok = tok_t5(captions, padding="max_length", max_length=models["t5_max_length"], truncation=True,
+                     return_tensors="pt")
+        t5_ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
+        hidden = t5(t5_ids, attention_mask=mask if fcfg.apply_t5_attn_mask else None).last_hidden_state
+        if fcfg.apply_t5_attn_mask:
+            hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
+        return {"t5": hidden, "t5_mask": mask.to(hidden.dtype), "pooled": pooled}
+
+    def encode_images(self, models: dict[str, Any], images: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        """Pixels in [-1, 1] -> FLUX latents: (z - shift) * scale."""
+        ae = models["vae"]
+        dist = ae.encode(images.to(ae.device, ae.dtype)).latent_dist
+        z = dist.sample() if sample else dist.mode()
+        return (z - ae.config.shift_factor) * ae.config.scaling_factor
+
+    # --- noise and prediction -----------------------------------------------------------------------------------
+    def noise_and_timesteps(self, latents: torch.Tensor, generator: Any, cfg: Any) -> NoisyInput:
+        noise = noise_lib.sample_noise(latents, generator, getattr(cfg, "noise_offset", None))
+        seq_len = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+        t = sample_sigmas(latents.shape[0], generator, self.flux_cfg, seq_len).to(latents.device)
+        tb = t.view(-1, 1, 1, 1).to(latents.dtype)
+        noisy = (1 - tb) * latents + tb * noise
+        # drawn last, so that --kontext_degrade leaves noise and timesteps unchanged; one seed per sample
+        seeds = noise_lib.sample_timesteps(latents.shape[0], generator, 0, 2 ** 31 - 1, torch.device("cpu"))
+        return NoisyInput(noisy=noisy, noise=noise, timesteps=t, extras={"degrade_seeds": seeds.tolist()})
+
+    def control_latents(self, models: dict[str, Any], batch: Any, inp: NoisyInput) -> torch.Tensor:
+        """Latents of the paired control image: the dataset's conditioning image, or the degraded target."""
+        if self._degrade_spec is not None:
+            from library.data.degrade import degrade
+
+            if batch.images is None:
+                raise UserError("--kontext_degrade makes control images from the training images, so it cannot "
+                                "run on cached latents: drop --cache_latents / --cache_latents_to_disk")
+            clean = ((batch.images.float().cpu() + 1) / 2).clamp(0, 1)
+            seeds = inp.extras.get("degrade_seeds") or [0] * clean.shape[0]
+            pixels = torch.cat([degrade(img[None], self._degrade_spec, torch.Generator().manual_seed(int(seed)))
+                                for img, seed in zip(clean, seeds)])
+        else:
+            if batch.conditioning_images is None:
+                raise UserError("--kontext needs paired data: set conditioning_data_dir in the dataset config's "
+                                "subsets (control image per target), or give --kontext_degrade")
+            pixels = batch.conditioning_images.float()
+        with torch.no_grad():
+            return self.encode_images(models, pixels * 2 - 1, sample=False).to(inp.noisy.dtype)
+
+    def predict(self, models: dict[str, Any], inp: NoisyInput, text: dict[str, torch.Tensor],
+                batch: Any) -> torch.Tensor:
+        tr = models["transformer"]
+        fcfg = models.get("flux_cfg") or self.flux_cfg
+        noisy = inp.noisy
+        b, _, h, w = noisy.shape
+        device, dtype = noisy.device, noisy.dtype
+        tokens = pack_latents(noisy)
+        ids = image_ids(h, w, device, dtype)
+        n_target = tokens.shape[1]
+        if fcfg.kontext:
+            ctrl = self.control_latents(models, batch, inp)
+            tokens = torch.cat([tokens, pack_latents(ctrl)], dim=1)
+            ids = torch.cat([ids, image_ids(ctrl.shape[-2], ctrl.shape[-1], device, dtype, KONTEXT_CONTROL_INDEX)])
+        t5 = text["t5"].to(device, dtype)
+        guidance = torch.full((b,), fcfg.guidance_scale, device=device, dtype=dtype) \
+            if tr.config.guidance_embeds else None
+        attention = None
+        if fcfg.apply_t5_attn_mask:
+            keep = torch.cat([text["t5_mask"].to(device).bool(),
+                              torch.ones(b, tokens.shape[1], dtype=torch.bool, device=device)], dim=1)
+            attention = {"attention_mask": keep[:, None, None, :]}
+        out = tr(hidden_states=tokens, encoder_hidden_states=t5, pooled_projections=text["pooled"].to(device, dtype),
+                 timestep=inp.timesteps.to(device, dtype), img_ids=ids,
+                 txt_ids=torch.zeros(t5.shape[1], 3, device=device, dtype=dtype), guidance=guidance,
+                 joint_attention_kwargs=attention).sample
+        pred = unpack_latents(out[:, :n_target], h, w)  # target tokens only: the loss never sees the control
+        if fcfg.model_prediction_type == "additive":
+            pred = pred + noisy
+        elif fcfg.model_prediction_type == "sigma_scaled":
+            pred = pred * (-inp.timesteps.view(-1, 1, 1, 1).to(dtype)) + noisy
+        return pred
+
+    def loss_target(self, models: dict[str, Any], latents: torch.Tensor, inp: NoisyInput) -> torch.Tensor:
+        return inp.noise - latents
+
+    def loss_weights(self, models: dict[str, Any], inp: NoisyInput, cfg: Any) -> torch.Tensor | None:
+        if getattr(cfg, "min_snr_gamma", None) and not self._warned_snr:
+            logger.warning("--min_snr_gamma is for DDPM (epsilon / v) models and is not used by FLUX training")
+            self._warned_snr = True
+        return None
+
+    # --- sampling -----------------------------------------------------------------------------------------------
+    def build_pipeline(self, models: dict[str, Any], kontext: bool = False):
+        from diffusers import FluxKontextPipeline, FluxPipeline
+
+        from library.models.tiny_flux import flux_scheduler
+
+        clip, t5 = models["text_encoders"]
+        tok_clip, tok_t5 = models["tokenizers"]
+        cls = FluxKontextPipeline if kontext else FluxPipeline
+        pipe = cls(scheduler=flux_scheduler(), vae=models["vae"], text_encoder=clip, tokenizer=tok_clip,
+                   text_encoder_2=t5, tokenizer_2=tok_t5, transformer=models["transformer"])
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def sample_images(self, models: dict[str, Any], prompts: list[SampleRequest], sampler: str,
+                      before_generate: Callable[[SampleRequest], None] | None = None) -> list[Any]:
+        """FLUX samples with its flow-matching Euler sampler (the sampler name is not used); `scale` is the
+        distilled guidance. A prompt with a control image (`--cn path`) is generated Kontext-style from it."""
+        from PIL import Image
+
+        pipes: dict[bool, Any] = {}
+        images = []
+        max_len = min(512, models["t5_max_length"])
+        for req in prompts:
+            if before_generate is not None:
+                before_generate(req)
+            control = (req.extras or {}).get("control_image")
+            kontext = bool(control)
+            pipe = pipes.get(kontext) or pipes.setdefault(kontext, self.build_pipeline(models, kontext))
+            gen = torch.Generator(device="cpu").manual_seed(req.seed)
+            kwargs = dict(prompt=req.prompt, width=req.width, height=req.height, num_inference_steps=req.steps,
+                          guidance_scale=req.scale, generator=gen, max_sequence_length=max_len)
+            if kontext:
+                kwargs.update(image=Image.open(control).convert("RGB"), _auto_resize=False,
+                              max_area=req.width * req.height)
+            images.append(pipe(**kwargs).images[0])
+        return images
