@@ -14,11 +14,9 @@ import sys
 from typing import Sequence
 
 from library.cli import run_main
-from library.config.args import add_network_args, build_train_parser
+from library.config.args import add_network_args
 from library.config.flux_config import add_flux_args, flux_model_config
-from library.config.run_config import parse_args_with_config, write_run_config
-from library.config.train_config import RunConfig, run_config_from_namespace
-from library.errors import UserError
+from library.train.entry import train_from_argv
 
 DEFAULT_NETWORK_MODULE = "networks.lora_flux"
 
@@ -29,28 +27,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(network_module=DEFAULT_NETWORK_MODULE)
 
 
-def build_run_config(args: argparse.Namespace) -> RunConfig:
-    """The shared run config, with FLUX's flags carried in `cfg.model` (a FluxModelConfig)."""
-    cfg = run_config_from_namespace(args, "flux", "lora")
-    cfg.model = flux_model_config(args)
-    return cfg
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_train_parser(__doc__)
-    add_args(parser)
-    args = parse_args_with_config(parser, argv)
-    if args.output_config:
-        if not args.config_file:
-            raise UserError("--output_config writes to --config_file: give --config_file PATH")
-        write_run_config(args, args.config_file)
-        print(f"wrote {args.config_file}")
-        return 0
-    from library.train.loop import train
-
-    result = train(build_run_config(args))
-    print(f"saved {result.output_file} after {result.global_step} steps")
-    return 0
+    return train_from_argv(argv, family="flux", network_kind="lora", description=__doc__, add_args=add_args,
+                           model_config=flux_model_config)
 
 
 if __name__ == "__main__":

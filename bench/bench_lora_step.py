@@ -195,7 +195,9 @@ def setup_ours(unet, cfg: BenchConfig) -> tuple[Any, list[dict[str, Any]], int]:
 
 
 def setup_peft(unet, cfg: BenchConfig) -> tuple[list[Any], int]:
-    """PEFT LoRA via `unet.add_adapter`, as diffusers' train_text_to_image_lora_sdxl.py does. Returns (params, modules)."""
+    """PEFT LoRA via `unet.add_adapter`, as diffusers' train_text_to_image_lora_sdxl.py does.
+
+    Returns (trainable params, LoRA layers made)."""
     import torch
     from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
@@ -455,7 +457,8 @@ def format_table(cfg: BenchConfig, results: dict[str, dict[str, Any]], compariso
     lines = [f"model={cfg.model} resolution={cfg.resolution} batch={cfg.batch_size} rank={cfg.rank} "
              f"dtype={cfg.dtype} device={cfg.device} gradient_checkpointing={cfg.gradient_checkpointing} "
              f"steps={cfg.steps} (+{cfg.warmup} warmup) ours_targets={cfg.ours_targets}",
-             f"{'variant':<8} {'modules':>8} {'trainable':>12} {'median step s':>14} {'peak MiB':>10} {'first loss':>11}"]
+             f"{'variant':<8} {'modules':>8} {'trainable':>12} {'median step s':>14} {'peak MiB':>10} "
+             f"{'first loss':>11}"]
     for name in VARIANTS:
         r = results.get(name, {})
         if not r.get("ran"):

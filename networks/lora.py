@@ -135,7 +135,9 @@ class LoRAModule(nn.Module):
         org_out = self._org_forward(x)
         if self.module_dropout and self.training and torch.rand(1).item() < self.module_dropout:
             return org_out
-        lx = self.lora_down(x.to(self.lora_down.weight.dtype))
+        # under autocast the matmul runs in the autocast dtype anyway: casting x to the (fp32) LoRA dtype first would
+        # only add a full copy of every wrapped layer's input
+        lx = self.lora_down(x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_down.weight.dtype))
         if self.dropout and self.training:
             lx = nn.functional.dropout(lx, p=self.dropout)
         scale = self.scale

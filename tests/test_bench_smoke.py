@@ -34,8 +34,8 @@ def test_tiny_benchmark_runs_both_variants(tmp_path: Path):
     for name in ("ours", "peft"):
         r = report["results"][name]
         assert r["ran"] is True, r
-        for key in ("lora_modules", "trainable_params", "median_step_s", "min_step_s", "step_times_s", "peak_memory_mib",
-                    "losses", "weights_checksum", "default_target_params_ours"):
+        for key in ("lora_modules", "trainable_params", "median_step_s", "min_step_s", "step_times_s",
+                    "peak_memory_mib", "losses", "weights_checksum", "default_target_params_ours"):
             assert key in r, (name, key)
         assert len(r["step_times_s"]) == 1 and len(r["losses"]) == 1
         assert r["median_step_s"] > 0 and r["peak_memory_mib"] > 0

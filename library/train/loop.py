@@ -118,6 +118,12 @@ def build_session(cfg: RunConfig) -> Session:
         module.to(device)
         if dtype != torch.float32:
             module.to(dtype)
+    if cfg.training.xformers:
+        try:
+            denoiser.enable_xformers_memory_efficient_attention()
+        except Exception as e:  # not installed, or no CUDA build
+            raise UserError(f"--xformers: cannot enable xformers attention ({e}); install the xformers extra or "
+                            "drop the flag (PyTorch SDPA is the default)") from None
     if cfg.training.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
         denoiser.train()  # diffusers only checkpoints in train mode

@@ -9,6 +9,8 @@ from typing import Any
 from library.config.train_config import RunConfig
 
 _START = time.time()
+# what sd-scripts writes as ss_base_model_version, per family
+BASE_MODEL_VERSIONS = {"sdxl": "sdxl_base_v1-0", "flux": "flux1"}
 
 
 def training_metadata(cfg: RunConfig, datasets: list[Any], state: Any, network: Any) -> dict[str, str]:
@@ -30,7 +32,7 @@ def training_metadata(cfg: RunConfig, datasets: list[Any], state: Any, network: 
         "ss_network_alpha": n.network_alpha,
         "ss_network_dropout": n.network_dropout,
         "ss_network_args": json.dumps(dict(a.split("=", 1) for a in n.network_args if "=" in a)),
-        "ss_base_model_version": "sdxl_base_v1-0" if cfg.family == "sdxl" else cfg.family,
+        "ss_base_model_version": BASE_MODEL_VERSIONS.get(cfg.family, cfg.family),
         "ss_v2": False,
         "ss_sd_model_name": cfg.model.pretrained_model_name_or_path,
         "ss_learning_rate": o.learning_rate,
