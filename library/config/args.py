@@ -119,6 +119,17 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sample_sampler", type=str, default="euler_a")
 
 
+def add_validation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("validation and evaluation (held-out split: validation_split in the dataset config)")
+    g.add_argument("--validate_every_n_steps", type=int, default=None, help="validation loss every N steps")
+    g.add_argument("--validate_every_n_epochs", type=int, default=None, help="validation loss every N epochs")
+    g.add_argument("--eval_every_n_steps", type=int, default=None,
+                   help="sample the prompts and score DINO / CLIP-I / CLIP-T against the held-out images")
+    g.add_argument("--eval_dino_model", type=str, default=None, help="local transformers folder of a DINO/DINOv2 ViT")
+    g.add_argument("--eval_clip_model", type=str, default=None, help="local transformers folder of a CLIP model")
+    g.add_argument("--eval_rare_token", type=str, default=None, help="token removed from prompts for CLIP-T")
+
+
 def add_config_file_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("config file")
     g.add_argument("--config_file", type=str, default=None, help="TOML with argument values (flags override)")
@@ -129,6 +140,6 @@ def build_train_parser(description: str) -> argparse.ArgumentParser:
     """The flags every trainer shares; scripts add their family- and network-specific ones."""
     p = argparse.ArgumentParser(description=description)
     for add in (add_config_file_args, add_model_args, add_dataset_args, add_caching_args, add_training_args,
-                add_optimizer_args, add_saving_args, add_logging_args, add_sampling_args):
+                add_optimizer_args, add_saving_args, add_logging_args, add_sampling_args, add_validation_args):
         add(p)
     return p

@@ -109,6 +109,20 @@ class LogConfig:
 
 
 @dataclass
+class ValidationConfig:
+    validate_every_n_steps: int | None = None
+    validate_every_n_epochs: int | None = None
+    eval_every_n_steps: int | None = None
+    eval_dino_model: str | None = None
+    eval_clip_model: str | None = None
+    eval_rare_token: str | None = None
+
+    @property
+    def evaluates(self) -> bool:
+        return bool(self.eval_every_n_steps or self.eval_dino_model or self.eval_clip_model)
+
+
+@dataclass
 class TrainingConfig:
     dataset_config: str
     seed: int = 42
@@ -138,6 +152,7 @@ class RunConfig:
     save: SaveConfig
     sample: SampleConfig
     log: LogConfig
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     family: str = "sdxl"
     network_kind: str = "lora"  # "lora" (a network_module) or "lllite"
     raw_args: dict[str, Any] = field(default_factory=dict)  # for ss_* metadata and --output_config
@@ -161,6 +176,7 @@ def run_config_from_namespace(ns: argparse.Namespace, family: str, network_kind:
         save=from_namespace(SaveConfig, ns),
         sample=from_namespace(SampleConfig, ns),
         log=from_namespace(LogConfig, ns),
+        validation=from_namespace(ValidationConfig, ns),
         family=family,
         network_kind=network_kind,
         raw_args=dict(vars(ns)),

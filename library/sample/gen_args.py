@@ -8,6 +8,7 @@ import argparse
 from typing import Sequence
 
 from library.errors import UserError
+from library.sample.controlnets import ControlNetSpec, specs_from_flags
 from library.sample.prompts import PromptSyntaxError, parse_prompt_line, parse_template, read_prompt_file
 from library.sample.schedulers import SAMPLER_NAMES
 from library.sample.sdxl_generate import GenerationConfig, LLLiteSpec, NetworkSpec
@@ -65,14 +66,32 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--network_weights", nargs="*", default=None, help="network files")
     g.add_argument("--network_mul", nargs="*", type=float, default=None, help="multiplier per network")
     g.add_argument("--network_merge", action="store_true", help="merge networks into the weights")
+
+
+def add_lllite_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ControlNet-LLLite")
     g.add_argument("--control_net_lllite_models", nargs="*", default=None, help="ControlNet-LLLite files")
     g.add_argument("--control_net_multipliers", nargs="*", type=float, default=None, help="multiplier per LLLite")
-    g.add_argument("--guide_image_path", default=None, help="guide image or folder of them (cycled over images)")
+
+
+def add_controlnet_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ControlNets (see docs/controlnets.md)")
+    g.add_argument("--guide_image_path", nargs="+", default=None,
+                   help="guide image or folder of them (cycled over images): one for all, or one per ControlNet "
+                        "input (a union model with several --control_net_types takes one per type)")
+    g.add_argument("--control_net_models", nargs="*", default=None,
+                   help="diffusers ControlNet folders or .safetensors files (diffusers key layout)")
+    g.add_argument("--control_net_weights", nargs="*", type=float, default=None, help="conditioning scale per model")
+    g.add_argument("--control_net_ratios", nargs="*", type=float, default=None,
+                   help="fraction of the steps, from the start, each model acts on (0 = not used)")
+    g.add_argument("--control_net_types", nargs="*", default=None,
+                   help="union models: control types per model, comma-separated (e.g. canny,depth)")
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    for add in (add_model_args, add_prompt_args, add_image_args, add_batch_args, add_network_args):
+    for add in (add_model_args, add_prompt_args, add_image_args, add_batch_args, add_network_args, add_lllite_args,
+                add_controlnet_args):
         add(p)
     return p
 
@@ -101,6 +120,16 @@ def _prompts(args: argparse.Namespace):
         raise exc.with_location("--prompt") from None
 
 
+def controlnet_flags(args: argparse.Namespace, lllite: bool) -> tuple[list[ControlNetSpec], str | None]:
+    """(ControlNet specs, LLLite's guide path) from the shared --guide_image_path values."""
+    guides = list(args.guide_image_path or [])
+    specs = specs_from_flags(args.control_net_models, guides, args.control_net_weights, args.control_net_ratios,
+                             args.control_net_types)
+    if len(guides) > 1 and not specs:
+        raise UserError(f"--guide_image_path: {len(guides)} paths given; several are for --control_net_models only")
+    return specs, (guides[0] if guides and (lllite or not specs) else None)
+
+
 def config_from_args(args: argparse.Namespace) -> GenerationConfig:
     if not args.ckpt:
         raise UserError("--ckpt (or --pretrained_model_name_or_path) is required")
@@ -111,6 +140,7 @@ def config_from_args(args: argparse.Namespace) -> GenerationConfig:
     muls = _per_item(args.network_mul, len(weights), 1.0, "--network_mul")
     lllite_files = args.control_net_lllite_models or []
     lllite_muls = _per_item(args.control_net_multipliers, len(lllite_files), 1.0, "--control_net_multipliers")
+    controlnets, guide_path = controlnet_flags(args, bool(lllite_files))
     negative = None
     if args.negative_prompt:
         try:
@@ -127,6 +157,11 @@ def config_from_args(args: argparse.Namespace) -> GenerationConfig:
         networks=[NetworkSpec(m, w, x) for m, w, x in zip(modules, weights, muls)],
         network_merge=args.network_merge,
         lllite=[LLLiteSpec(w, x) for w, x in zip(lllite_files, lllite_muls)],
-        guide_image_path=args.guide_image_path, image_path=args.image_path, strength=args.strength,
+        guide_image_path=guide_path, controlnets=controlnets, image_path=args.image_path, strength=args.strength,
         tokenizer_cache_dir=args.tokenizer_cache_dir, allow_pickle=args.allow_pickle,
     )
+
+
+# Public names for other generation scripts (flux_gen_img.py) that build their configs from the same flags.
+per_item = _per_item
+prompts_from_args = _prompts

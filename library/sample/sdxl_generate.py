@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from library.errors import ModelLoadError, UserError
+from library.sample.controlnets import ControlNetSpec
 from library.sample.png_metadata import GenerationInfo, save_png_with_info
 from library.sample.prompts import PromptSpec, Template, WildcardSet
 from library.sample.schedulers import canonical_sampler_name
@@ -88,6 +89,7 @@ class GenerationConfig:
     strength: float | None = None
     tokenizer_cache_dir: str | None = None
     allow_pickle: bool = False
+    controlnets: list[ControlNetSpec] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ class ImageRequest:
     control_image: str | None = None
     init_image: str | None = None
     strength: float | None = None
+    controlnet_images: tuple[tuple[str, ...], ...] | None = None  # per ControlNet, one guide per input
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call without changing any image.
@@ -116,7 +119,8 @@ class ImageRequest:
         encodes "" when other images of the batch have one, which would change the image.
         """
         return (self.width, self.height, self.steps, self.scale, self.original_size, self.crop, self.network_muls,
-                self.negative_prompt is None, self.control_image is None, self.init_image is None, self.strength)
+                self.negative_prompt is None, self.control_image is None, self.init_image is None, self.strength,
+                self.controlnet_images is None)
 
 
 # ----------------------------------------------------------------------------------------------------- planning
@@ -151,6 +155,12 @@ def _where(spec: PromptSpec) -> str:
 
 def check_config(config: GenerationConfig) -> None:
     """Reject option combinations that cannot work, before any model is loaded."""
+    check_common(config)
+    check_control(config)
+
+
+def check_common(config: GenerationConfig) -> None:
+    """The checks every generation script shares (counts, prompts, networks); control images are the script's."""
     for name, value in (("--batch_size", config.batch_size), ("--n_iter", config.n_iter),
                         ("--images_per_prompt", config.images_per_prompt), ("--steps", config.steps)):
         if value < 1:
@@ -159,27 +169,39 @@ def check_config(config: GenerationConfig) -> None:
         raise UserError(f"--vae_batch_size must be at least 1, got {config.vae_batch_size}")
     if not config.prompts:
         raise UserError("no prompts: give --prompt or a --from_file with at least one prompt line")
-    canonical_sampler_name(config.sampler)
+    if config.sampler:
+        canonical_sampler_name(config.sampler)
     if config.dtype not in ("fp32", "fp16", "bf16"):
         raise UserError(f"unknown precision '{config.dtype}'")
     if config.strength is not None and not 0.0 <= config.strength <= 1.0:
         raise UserError(f"--strength must be between 0 and 1, got {config.strength}")
-    if config.guide_image_path and not config.lllite:
-        raise UserError("--guide_image_path is given but no --control_net_lllite_models to use it")
     for spec in config.networks:
         if not os.path.isfile(spec.weights):
             raise ModelLoadError(f"--network_weights '{spec.weights}': no such file")
-    for spec in config.lllite:
-        if not os.path.isfile(spec.weights):
-            raise ModelLoadError(f"--control_net_lllite_models '{spec.weights}': no such file")
     if config.network_merge and any(p.network_muls for p in config.prompts):
         raise UserError("per-prompt --am cannot change networks merged with --network_merge; drop one of them")
     for p in config.prompts:
         if p.network_muls and len(p.network_muls) > len(config.networks):
             raise UserError(f"{_where(p)}: --am gives {len(p.network_muls)} multipliers but only "
                             f"{len(config.networks)} network(s) are loaded")
-        if p.control_image and not config.lllite:
-            raise UserError(f"{_where(p)}: --cn needs --control_net_lllite_models")
+
+
+def check_control(config: GenerationConfig) -> None:
+    """LLLite / ControlNet inputs: guide images need a model that uses them (SDXL's rule for --cn too)."""
+    from library.sample.controlnets import check_specs
+
+    if config.guide_image_path and not config.lllite and not config.controlnets:
+        raise UserError("--guide_image_path is given but no --control_net_lllite_models / --control_net_models "
+                        "to use it")
+    for spec in config.lllite:
+        if not os.path.isfile(spec.weights):
+            raise ModelLoadError(f"--control_net_lllite_models '{spec.weights}': no such file")
+    check_specs(config.controlnets)
+    if config.controlnets and config.image_path:
+        raise UserError("--control_net_models cannot be combined with --image_path (img2img) yet")
+    for p in config.prompts:
+        if p.control_image and not config.lllite and not config.controlnets:
+            raise UserError(f"{_where(p)}: --cn needs --control_net_lllite_models or --control_net_models")
 
 
 def load_wildcards(config: GenerationConfig) -> WildcardSet | None:
@@ -201,6 +223,7 @@ def plan_requests(config: GenerationConfig, wildcards: WildcardSet | None, base_
     """One request per image, in generation order: for each iteration, each prompt line, each image of the line."""
     guides = list_images(config.guide_image_path, "--guide_image_path") if config.guide_image_path else []
     inits = list_images(config.image_path, "--image_path") if config.image_path else []
+    cn_guides = [[list_images(g, "--guide_image_path") for g in spec.guides] for spec in config.controlnets]
     requests: list[ImageRequest] = []
     per_line_count: dict[int, int] = {}
     for _ in range(config.n_iter):
@@ -209,12 +232,13 @@ def plan_requests(config: GenerationConfig, wildcards: WildcardSet | None, base_
                 k = len(requests)
                 j = per_line_count.get(line_index, 0)
                 per_line_count[line_index] = j + 1
-                requests.append(_request(config, spec, k, j, base_seed, wildcards, guides, inits))
+                requests.append(_request(config, spec, k, j, base_seed, wildcards, guides, inits, cn_guides))
     return requests
 
 
 def _request(config: GenerationConfig, spec: PromptSpec, k: int, j: int, base_seed: int,
-             wildcards: WildcardSet | None, guides: list[str], inits: list[str]) -> ImageRequest:
+             wildcards: WildcardSet | None, guides: list[str], inits: list[str],
+             cn_guides: Sequence[Sequence[list[str]]] = ()) -> ImageRequest:
     rng = random.Random(derive_seed(base_seed, k, "prompt"))
     drawn = spec.render(rng, wildcards)
     negative = drawn.negative_prompt
@@ -231,6 +255,13 @@ def _request(config: GenerationConfig, spec: PromptSpec, k: int, j: int, base_se
             raise UserError(f"{where}: ControlNet-LLLite needs a guide image: give --guide_image_path or --cn")
         if not os.path.isfile(control):
             raise UserError(f"{where}: guide image '{control}' does not exist")
+    controlnet_images = None
+    if cn_guides:  # a prompt's --cn replaces every guide image of the line
+        controlnet_images = tuple(tuple(spec.control_image or files[k % len(files)] for files in per_input)
+                                  for per_input in cn_guides)
+        for path in {p for per_model in controlnet_images for p in per_model}:
+            if not os.path.isfile(path):
+                raise UserError(f"{where}: guide image '{path}' does not exist")
     init = inits[k % len(inits)] if inits else None
     strength = None
     if init is not None:
@@ -253,6 +284,7 @@ def _request(config: GenerationConfig, spec: PromptSpec, k: int, j: int, base_se
         control_image=control,
         init_image=init,
         strength=strength,
+        controlnet_images=controlnet_images,
     )
 
 
@@ -394,6 +426,14 @@ class SDXLGenerator:
                          "tokenizers": [models.tokenizer1, models.tokenizer2]}
         self.pipe = SDXLFamily().build_pipeline(family_models, config.sampler)
         self._img2img = None
+        self.controlnets: list = []
+        self.controlnet_pipe = None
+        if config.controlnets:
+            from library.sample.controlnets import build_sdxl_pipeline, load_controlnets
+
+            self.controlnets = load_controlnets(config.controlnets, "sdxl", models.unet, device, self.dtype)
+            if self.controlnets:
+                self.controlnet_pipe = build_sdxl_pipeline(self.pipe, self.controlnets)
         self.run_stamp = time.strftime("%Y%m%d%H%M%S")
         self.sampler = canonical_sampler_name(config.sampler)
 
@@ -441,8 +481,14 @@ class SDXLGenerator:
             latents = self.img2img(image=init, strength=first.strength, **kwargs).images
         else:
             noise = initial_noise(generators, self.pipe.unet.config.in_channels, first.height, first.width)
-            latents = self.pipe(width=first.width, height=first.height, latents=noise.to(self.device, self.dtype),
-                                **kwargs).images
+            pipe = self.pipe
+            if self.controlnet_pipe is not None and first.controlnet_images is not None:
+                from library.sample.controlnets import sdxl_call_kwargs
+
+                pipe = self.controlnet_pipe
+                kwargs.update(sdxl_call_kwargs(self.controlnets, controlnet_images(batch, size, self.controlnets)))
+            latents = pipe(width=first.width, height=first.height, latents=noise.to(self.device, self.dtype),
+                           **kwargs).images
         self.networks.set_control(None)
         return self._decode(latents)
 
@@ -458,25 +504,39 @@ class SDXLGenerator:
         return images
 
     def _save(self, req: ImageRequest, image: Image.Image) -> Path:
-        outdir = Path(self.config.outdir)
-        path = outdir / f"im_{self.run_stamp}_{req.index:06d}_{req.seed}.png"
-        suffix = 1
-        while path.exists():  # a second run in the same second: never overwrite
-            path = outdir / f"im_{self.run_stamp}_{req.index:06d}_{req.seed}_{suffix}.png"
-            suffix += 1
-        extra = {}
-        if req.control_image:
-            extra["guide_image"] = req.control_image
-        if req.init_image:
-            extra["init_image"] = req.init_image
-            extra["strength"] = f"{req.strength:g}"
-        if req.network_muls:
-            extra["network_muls"] = ",".join(f"{m:g}" for m in req.network_muls)
-        info = GenerationInfo(prompt=req.prompt, negative_prompt=req.negative_prompt or "", seed=req.seed,
-                              steps=req.steps, scale=req.scale, sampler=self.sampler, width=req.width,
-                              height=req.height, model=os.path.basename(self.config.model.rstrip("/\\")),
-                              extra=extra)
-        return save_png_with_info(image, path, info)
+        return save_request_png(self.config, req, image, self.run_stamp, self.sampler)
+
+
+def controlnet_images(batch: Sequence[ImageRequest], size: tuple[int, int], loaded: Sequence[Any]) -> list:
+    """`[model][input]` -> the batch's guide images (RGB at the output size), for the active ControlNets only."""
+    return [[[load_rgb(r.controlnet_images[net.position][i], size) for r in batch] for i in range(len(net.modes))]
+            for net in loaded]
+
+
+def save_request_png(config: GenerationConfig, req: ImageRequest, image: Image.Image, run_stamp: str,
+                     sampler: str, extra: dict[str, str] | None = None) -> Path:
+    """Write one image as `im_<run>_<index>_<seed>.png` with its prompt and settings in the PNG text chunks."""
+    outdir = Path(config.outdir)
+    path = outdir / f"im_{run_stamp}_{req.index:06d}_{req.seed}.png"
+    suffix = 1
+    while path.exists():  # a second run in the same second: never overwrite
+        path = outdir / f"im_{run_stamp}_{req.index:06d}_{req.seed}_{suffix}.png"
+        suffix += 1
+    extra = dict(extra or {})
+    if req.control_image:
+        extra["guide_image"] = req.control_image
+    if req.controlnet_images:
+        extra["controlnet_guides"] = ";".join(",".join(per_model) for per_model in req.controlnet_images)
+    if req.init_image:
+        extra["init_image"] = req.init_image
+        extra["strength"] = f"{req.strength:g}"
+    if req.network_muls:
+        extra["network_muls"] = ",".join(f"{m:g}" for m in req.network_muls)
+    info = GenerationInfo(prompt=req.prompt, negative_prompt=req.negative_prompt or "", seed=req.seed,
+                          steps=req.steps, scale=req.scale, sampler=sampler, width=req.width,
+                          height=req.height, model=os.path.basename(config.model.rstrip("/\\")),
+                          extra=extra)
+    return save_png_with_info(image, path, info)
 
 
 def run_generation(config: GenerationConfig) -> list[Path]:

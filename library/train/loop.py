@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from library.config.train_config import RunConfig
@@ -17,6 +16,7 @@ from library.errors import UserError
 from library.train import checkpoint as ckpt
 from library.train.epoch_plan import PlannedBatch, plan_epoch
 from library.train.family import ModelFamily, get_family
+from library.train.loop_math import all_reduce_mean_, masked_mse, step_generator
 from library.train.network_adapter import TrainNetwork, build_network
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -46,41 +46,6 @@ class Session:
     weight_dtype: torch.dtype
     total_steps: int
     batches_per_epoch: int
-
-
-def step_generator(seed: int, global_step: int, micro: int, position: int = 0) -> torch.Generator:
-    """Noise and timesteps depend only on (seed, step, micro-batch, position in the global batch): resume replays
-    them exactly, and N processes draw what one process with the whole global batch would."""
-    return torch.Generator().manual_seed(
-        (seed * 1_000_003 + global_step * 1009 + micro * 101 + position * 7919) % (2 ** 63))
-
-
-def all_reduce_mean_(params: list[torch.nn.Parameter]) -> None:
-    """Average gradients over processes in one flat buffer. The network is not wrapped in DDP: its modules live
-    inside the frozen base model, so DDP's forward-driven reducer would never fire."""
-    import torch.distributed as dist
-
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
-        offset += n
-
-
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
-               weights: torch.Tensor | None) -> torch.Tensor:
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none")
-    if mask is not None:  # alpha mask in pixel space -> latent resolution
-        m = F.interpolate(mask.unsqueeze(1).float(), size=loss.shape[-2:], mode="area").to(loss.device)
-        loss = loss * m
-    loss = loss.mean(dim=list(range(1, loss.ndim)))
-    if weights is not None:
-        loss = loss * weights.to(loss.device)
-    return loss.mean()
 
 
 def build_session(cfg: RunConfig) -> Session:
@@ -167,6 +132,7 @@ class Trainer:
         self.state = ckpt.LoopState(num_processes=session.accelerator.num_processes,
                                     batches_per_epoch=session.batches_per_epoch, seed=session.cfg.training.seed)
         self.losses: list[float] = []
+        self._evaluator = None
 
     # --- one step -----------------------------------------------------------------------------------------------
     def _text(self, batch: Any) -> dict[str, torch.Tensor]:
@@ -257,7 +223,25 @@ class Trainer:
 
         s = self.s
         if s.cfg.sample.sample_prompts and s.accelerator.is_main_process:
-            sample_during_training(s, self.state)
+            sample_during_training(s, self.state.global_step)
+
+    def validate(self) -> None:
+        from library.train.validation import validation_loss
+
+        value = validation_loss(self.s)
+        if value is None:
+            return
+        self.s.accelerator.print(f"step {self.state.global_step}: validation loss {value:.5f}")
+        self.s.accelerator.log({"loss/validation": value}, step=self.state.global_step)
+
+    def evaluate(self) -> None:
+        from library.train.evaluation import TrainingEvaluator
+
+        if not self.s.accelerator.is_main_process:
+            return
+        if self._evaluator is None:
+            self._evaluator = TrainingEvaluator(self.s)
+        self._evaluator.evaluate(self.state.global_step)
 
     def _after_step(self) -> None:
         s, sv, sp = self.s, self.s.cfg.save, self.s.cfg.sample
@@ -268,6 +252,11 @@ class Trainer:
                 self.save_state(f"{sv.output_name}-step{step:08d}-state")
         if sp.sample_every_n_steps and step % sp.sample_every_n_steps == 0:
             self.sample()
+        v = s.cfg.validation
+        if v.validate_every_n_steps and step % v.validate_every_n_steps == 0:
+            self.validate()
+        if v.eval_every_n_steps and step % v.eval_every_n_steps == 0 and step < s.total_steps:
+            self.evaluate()
 
     def _after_epoch(self, epoch_done: int) -> None:
         sv, sp = self.s.cfg.save, self.s.cfg.sample
@@ -277,6 +266,9 @@ class Trainer:
                 self.save_state(f"{sv.output_name}-{epoch_done:06d}-state")
         if sp.sample_every_n_epochs and epoch_done % sp.sample_every_n_epochs == 0:
             self.sample()
+        v = self.s.cfg.validation
+        if v.validate_every_n_epochs and epoch_done % v.validate_every_n_epochs == 0:
+            self.validate()
 
     # --- the loop -----------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -314,6 +306,11 @@ class Trainer:
             if loss_log:
                 loss_log.close()
         out = self.save_network(f"{cfg.save.output_name}.safetensors")
+        if cfg.validation.evaluates and acc.is_main_process:
+            self.evaluate()  # the final network, against the held-out images and the baseline
+            written = self._evaluator.write(out) if self._evaluator else None
+            if written:
+                acc.print(f"wrote {written}")
         if cfg.save.save_state or cfg.save.save_state_on_train_end:
             self.save_state(f"{cfg.save.output_name}-state")
         acc.end_training()

@@ -78,6 +78,10 @@ def _import_class(path: str) -> Callable[..., torch.optim.Optimizer]:
 
 
 def build_optimizer(param_groups: list[dict[str, Any]], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    param_groups = [dict(g, params=list(g["params"])) for g in param_groups]
+    if not any(g["params"] for g in param_groups):
+        raise UserError("no trainable parameters: every learning rate is 0 (--learning_rate, --unet_lr, "
+                        "--text_encoder_lr) or the network targets no module")
     kwargs = {k: _literal(v) for k, v in parse_key_values(cfg.optimizer_args, "--optimizer_args").items()}
     name = cfg.optimizer_type
     factory = OPTIMIZERS.get(name.lower())

@@ -31,16 +31,20 @@ def requests_from_prompt_file(path: str, default_size: tuple[int, int], seed: in
     return requests
 
 
-def sample_during_training(session: Any, state: Any) -> list[str]:
-    """Generate the sample prompts with the network as it is now; restore training mode afterwards."""
+def sample_during_training(session: Any, step: int, out_dir: str | None = None, multiplier: float | None = None,
+                           log_images: bool = True) -> list[str]:
+    """Generate the sample prompts with the network as it is now (or at `multiplier`, e.g. 0 for the base model);
+    restore training mode, the multiplier and the RNG afterwards."""
     from library.sample.png_metadata import GenerationInfo, save_png_with_info
 
     cfg = session.cfg
     res = session.datasets[0].config.resolution
     requests = requests_from_prompt_file(cfg.sample.sample_prompts, res, cfg.training.seed)
-    out_dir = os.path.join(cfg.save.output_dir, "sample")
+    out_dir = out_dir or os.path.join(cfg.save.output_dir, "sample")
     os.makedirs(out_dir, exist_ok=True)
     net = session.accelerator.unwrap_model(session.network.module)
+    if multiplier is not None:
+        net.set_multiplier(multiplier)
     denoiser = session.models[session.family.denoiser_key]
     was_training = denoiser.training, net.training
     denoiser.eval()
@@ -54,19 +58,22 @@ def sample_during_training(session: Any, state: Any) -> list[str]:
                                                   before_generate=session.network.before_sample)
     finally:
         session.network.after_sample()
+        if multiplier is not None:
+            net.set_multiplier(1.0)
         torch.set_rng_state(rng_state)
         session.models["vae"].to(vae_device)
         denoiser.train(was_training[0])
         net.train(was_training[1])
     paths = []
     for i, (req, img) in enumerate(zip(requests, images)):
-        path = os.path.join(out_dir, f"{cfg.save.output_name}_{state.global_step:06d}_{i:02d}_{req.seed}.png")
+        path = os.path.join(out_dir, f"{cfg.save.output_name}_{step:06d}_{i:02d}_{req.seed}.png")
         save_png_with_info(img, path, GenerationInfo(prompt=req.prompt, negative_prompt=req.negative_prompt,
                                                      seed=req.seed, steps=req.steps, scale=req.scale,
                                                      sampler=cfg.sample.sample_sampler, width=req.width,
                                                      height=req.height))
         paths.append(path)
-    _log_images(session, images, state.global_step)
+    if log_images:
+        _log_images(session, images, step)
     return paths
 
 

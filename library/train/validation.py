@@ -1,0 +1,50 @@
+"""Validation loss on the held-out split (`validation_split` in the dataset config).
+
+Noise, timesteps and the VAE posterior sample are fixed per held-out item, so the number is comparable across steps
+and across runs with the same seed.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from library.train.loop_math import masked_mse, step_generator
+
+VALIDATION_STEP = -1  # a loop position no training step uses: its generators are the validation ones
+
+
+@torch.no_grad()
+def validation_loss(session: Any) -> float | None:
+    s = session
+    total, count = 0.0, 0
+    net = s.network.module
+    was_training = net.training
+    net.eval()
+    try:
+        for ds in s.datasets:
+            for indices in ds.validation_batches():
+                batch = ds.load_batch(indices, 0, augment=False)
+                gens = [step_generator(s.cfg.training.seed, VALIDATION_STEP, 0, i) for i in indices]
+                if batch.latents is not None:
+                    latents = batch.latents.to(s.accelerator.device, s.weight_dtype)
+                else:
+                    latents = s.family.encode_images(s.models, batch.images.to(s.accelerator.device), gens)
+                    latents = latents.to(s.weight_dtype)
+                if s.text_cache is not None:
+                    outs = [s.text_cache.get(c) for c in batch.captions]
+                    text = {k: torch.stack([o[k] for o in outs]).to(s.accelerator.device) for k in outs[0]}
+                else:
+                    with s.accelerator.autocast():
+                        text = s.family.encode_text(s.models, batch.captions)
+                inp = s.family.noise_and_timesteps(latents, gens, s.cfg.training)
+                s.network.before_forward(batch)
+                with s.accelerator.autocast():
+                    pred = s.family.predict(s.models, inp, text, batch)
+                target = s.family.loss_target(s.models, latents, inp)
+                loss = masked_mse(pred, target, batch.alpha_masks, None)
+                total += loss.item() * len(indices)
+                count += len(indices)
+    finally:
+        net.train(was_training)
+    return total / count if count else None
