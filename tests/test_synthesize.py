@@ -73,7 +73,7 @@ def test_records_report_bad_lines_with_numbers(tmp_path):
     assert rec.image_path.endswith("s1.png")
 
 
-def test_cli_on_error_fail_is_one_message_and_skip_warns(tmp_path, tiny_sdxl_file):
+def test_cli_on_error_fail_is_one_message(tmp_path, tiny_sdxl_file):
     inputs = make_inputs(tmp_path, ["{oops"])
     args = ["--predictions", inputs["predictions"], "--images_root", inputs["images_root"], "--output_dir",
             str(tmp_path / "out"), "--pretrained_model_name_or_path", tiny_sdxl_file, "--num_samples", "1",
@@ -84,18 +84,24 @@ def test_cli_on_error_fail_is_one_message_and_skip_warns(tmp_path, tiny_sdxl_fil
     assert not (tmp_path / "out" / "images" / "synthetic_0001.png").exists()
 
 
-def test_box_scaling_and_output_size():
+def test_box_scaling_and_output_size(tmp_path):
     from library.synth.conditioning import output_size
 
-    assert output_size(128, 96, 64) == (64, 64) or output_size(128, 96, 64)[0] % 32 == 0
-    assert output_size(1024, 768, 1024) == (1184, 896)
-    src = records.SourceRecord(1, "a", "detection", "x.png", ["dog"], [Box(10, 20, 30, 40, "dog")], DET)
-    (box,) = records.scaled_boxes(src, (64, 32), (128, 128))
-    assert box.as_list() == [5, 5, 15, 10]
-    rec = records.synthetic_record(records.parse_record(DET, 1, None, "/"), "synthetic_0001", "/o/i.png",
-                                   "images/i.png", "/o", (64, 48), (128, 96), {"kept": True}) \
-        if False else None  # parse_record needs a real image; covered by the end-to-end test
-    assert rec is None
+    assert output_size(128, 96, 64) == (64, 64)
+    assert output_size(1024, 768, 1024) == (1184, 896)  # aspect kept, multiples of 32
+    with pytest.raises(UserError, match="multiple of 32"):
+        output_size(64, 64, 50)
+    inputs = make_inputs(tmp_path)
+    src = records.parse_record(DET, 1, inputs["images_root"], str(tmp_path))
+    (box, *_) = records.scaled_boxes(src, (64, 32), (128, 96))
+    assert box.as_list() == pytest.approx([5, 10 / 3, 20, 40 / 3])
+    rec = records.synthetic_record(src, "synthetic_0001", "/o/images/synthetic_0001.png", "images/synthetic_0001.png",
+                                   "/o", (64, 32), (128, 96), {"kept": True})
+    assert rec["prediction"]["detections"][1] == {"bbox": [25.0, 6.67, 35.0, 20.0], "label": "dog"}
+    assert rec["raw"]["meta"] == {"rel_path": "images/synthetic_0001.png", "abs_path": "/o/images/synthetic_0001.png",
+                                  "root": "/o", "width": 64, "height": 32}
+    assert rec["raw"]["model"] == "det-v1" and rec["score"] == 0.9 and rec["synthetic"] == {"kept": True}
+    assert DET["prediction"]["detections"][1]["bbox"] == [50, 20, 70, 60]  # the input is not modified
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -267,8 +273,6 @@ def test_depth_conditioning_with_tiny_dpt(tmp_path, tiny_sdxl_file):
     arr = np.asarray(d)
     assert arr.max() == 255 and arr.min() == 0  # normalised
     assert read_jsonl(out / "predictions.jsonl")[0]["synthetic"]["conditions"]["depth"].endswith("_depth.png")
-    with pytest.raises(UserError, match="needs --depth_model"):
-        pipeline.run(options(tmp_path, tiny_sdxl_file, inputs, controlnet_types=["depth"]))
 
 
 def test_trains_a_lora_then_generates_with_it(tmp_path, tiny_sdxl_file):
@@ -281,3 +285,49 @@ def test_trains_a_lora_then_generates_with_it(tmp_path, tiny_sdxl_file):
         ["source_00001.txt", "source_00002.txt"]
     rec = read_jsonl(tmp_path / "out" / "predictions.jsonl")[0]
     assert rec["synthetic"]["lora"] == str(lora)
+
+
+
+def again_seed(run_seed: int) -> int:
+    from library.sample.sdxl_generate import derive_seed
+
+    return derive_seed(run_seed, 0)
+
+
+def test_rerun_with_other_seed_regenerates_and_lllite_follows_the_canny(tmp_path, tiny_sdxl_file):
+    from library.models.tiny import build_tiny_sdxl
+    from networks.control_net_lllite import create_network
+
+    inputs = make_inputs(tmp_path)
+    plain = dict(num_samples=1, controlnet_types=[])
+    first = pipeline.run(options(tmp_path, tiny_sdxl_file, inputs, seed=1, **plain))
+    again = pipeline.run(options(tmp_path, tiny_sdxl_file, inputs, seed=2, **plain))
+    assert (first.generated, again.generated, again.reused) == (1, 1, 0)
+    (rec,) = read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    assert rec["synthetic"]["seed"] == again_seed(2)
+    assert not (tmp_path / "out" / "controlnet_conditions" / "canny").exists()
+
+    net = create_network(build_tiny_sdxl(0).unet, cond_emb_dim=8, network_dim=8)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for module in net.unet_modules:  # zero-initialised `up` would make LLLite a no-op
+            module.up[0].weight.copy_(torch.randn(module.up[0].weight.shape, generator=gen))
+    lllite = tmp_path / "lllite.safetensors"
+    net.save_weights(str(lllite))
+    pipeline.run(options(tmp_path, tiny_sdxl_file, inputs, seed=2, lllite_path=str(lllite),
+                         output_dir=str(tmp_path / "guided"), **plain))
+    unguided = np.asarray(Image.open(tmp_path / "out" / "images" / "synthetic_0001.png"))
+    guided = np.asarray(Image.open(tmp_path / "guided" / "images" / "synthetic_0001.png"))
+    assert unguided.shape == guided.shape and not np.array_equal(unguided, guided)
+    assert (tmp_path / "guided" / "controlnet_conditions" / "canny" / "synthetic_0001_canny.png").is_file()
+
+
+def test_bad_options_fail_before_any_work(tmp_path):
+    inputs = make_inputs(tmp_path)
+    for bad, match in [(dict(num_samples=0), "--num_samples"), (dict(resolution=50), "multiple of 32"),
+                       (dict(lora_path=str(tmp_path / "nope.safetensors"), skip_training=False), "--lora_path"),
+                       (dict(filter_spec="no_colon"), "module:function"), (dict(iou=1.5), "--iou"),
+                       (dict(controlnet_types=["depth"]), "needs --depth_model")]:
+        with pytest.raises(UserError, match=match):
+            pipeline.run(options(tmp_path, "unused.safetensors", inputs, **bad))
+    assert not (tmp_path / "out").exists()

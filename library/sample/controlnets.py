@@ -210,7 +210,10 @@ def load_controlnet(spec: ControlNetSpec, family: Family, base: Any, device: tor
             raise ModelLoadError(f"--control_net_models '{spec.path}': cannot load {cls.__name__}: {exc}") from None
     else:
         model = _load_file(spec.path, family, base)
-    model.to(device, dtype).eval()
+    param = next(model.parameters())
+    if param.device != device or param.dtype != dtype:  # diffusers warns on every cast, even a no-op one
+        model.to(device, dtype)
+    model.eval()
     union = type(model).__name__ == "ControlNetUnionModel" or getattr(model, "union", False)
     where = f"--control_net_types for '{spec.path}'"
     if union and not spec.types:
@@ -218,7 +221,7 @@ def load_controlnet(spec: ControlNetSpec, family: Family, base: Any, device: tor
     if not union and spec.types:
         raise UserError(f"{where}: '{spec.path}' is not a union model; drop its control types")
     modes = tuple(mode_index(t, family, where) for t in spec.types) if union else (None,)
-    limit = model.config.get("num_control_type") or model.config.get("num_mode") if union else None
+    limit = (model.config.get("num_control_type") or model.config.get("num_mode")) if union else None
     if limit is not None and any(m >= limit for m in modes):
         raise UserError(f"{where}: mode numbers {modes} must be below the model's {limit}")
     return LoadedControlNet(spec, model, union, modes)

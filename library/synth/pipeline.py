@@ -279,13 +279,15 @@ def run(o: SynthOptions, detector_factory: Callable[[SynthOptions], filtering.De
     check_options(o)
     summary = RunSummary()
     sources = load_sources(o, summary)
+    detector = detector_factory(o)
     out = Path(o.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    detector = detector_factory(o)
     types = list(o.controlnet_types)
     if o.lllite_path and "canny" not in types:
         types.insert(0, "canny")  # LLLite is guided by the source's canny map
-    makers = conditioning.build_makers(types, o.depth_model, o.canny_thresholds, o.device or "cpu")
+    from library.sample.sdxl_generate import resolve_device
+
+    makers = conditioning.build_makers(types, o.depth_model, o.canny_thresholds, str(resolve_device(o.device)))
     lora = _resolve_lora(o, sources, out)
     summary.lora_path = lora
     plans = plan_samples(o, sources, lora)

@@ -76,8 +76,8 @@ def check_template(template: str) -> None:
 def build_prompt(template: str, labels: list[str]) -> str:
     """{labels}: the counted description; {label}: the first label's name; {count}: how many objects.
 
-    A record with no objects (empty detection list) gets "nothing"-free wording: the template's text with the
-    placeholder removed, and doubled spaces collapsed.
+    A record with no objects (empty detection list) gets the template with the placeholder left empty; doubled
+    spaces and a trailing comma are removed.
     """
     check_template(template)
     text = template.format(labels=describe_labels(labels), label=label_text(labels[0]) if labels else "",
