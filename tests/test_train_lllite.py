@@ -120,3 +120,20 @@ batch_size = 4
     shuffled = _heldout_loss(models, net, latents, cond.roll(1, dims=0), text, 1.0)
     assert trained < 0.97 * untrained, (trained, untrained)
     assert shuffled != trained  # the output depends on which conditioning image is given
+
+
+def test_low_memory_flags(tmp_path, tiny_sdxl_file, shapes_dataset):
+    """The low-memory set of the LoRA script works for LLLite too: gradient checkpointing, cached latents and
+    text-encoder outputs (on disk), bf16 with bf16 trainable weights, 8-bit AdamW."""
+    cfg = run_toml(tmp_path, tiny_sdxl_file, shapes_dataset["cn_config"], max_train_steps=2, gradient_checkpointing=True,
+                   cache_latents_to_disk=True, cache_text_encoder_outputs_to_disk=True, mixed_precision="bf16",
+                   full_bf16=True, optimizer_type="AdamW8bit", save_precision="fp16", **LLLITE)
+    r = run_script("sdxl_train_control_net_lllite.py", "--config_file", cfg)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sd = load_file(str(tmp_path / "out" / "lora.safetensors"))
+    assert all(v.dtype == torch.float16 for v in sd.values())
+    assert any(v.abs().sum() > 0 for k, v in sd.items() if k.endswith("up.0.weight"))  # it trained
+    assert list((tmp_path / "images").glob("*.latents.safetensors"))  # latent cache on disk beside the images
+    assert list((tmp_path / "out" / "te_cache").glob("*.safetensors"))
+    losses = read_losses(tmp_path / "run_loss.jsonl")
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
