@@ -77,7 +77,7 @@ def run(cmd: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default="demo_output")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--num_images", type=int, default=12)
     args = p.parse_args(argv)
     out = Path(args.output_dir).resolve()
