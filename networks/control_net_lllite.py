@@ -21,7 +21,6 @@ Two deliberate differences from sd-scripts, neither visible in the files:
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from library.errors import ModelLoadError, UserError
+from library.fileio import save_safetensors_atomic
 from library.models.sdxl_unet_names import diffusers_to_sgm
 
 LLLITE_PREFIX = "lllite_unet"
@@ -349,8 +349,6 @@ class ControlNetLLLite(nn.Module):
         self, file: str | os.PathLike, dtype: torch.dtype | None = None, metadata: Mapping[str, Any] | None = None
     ) -> None:
         """Write the published layout as safetensors, atomically (temp file in the same folder + os.replace)."""
-        from safetensors.torch import save_file
-
         path = os.fspath(file)
         state = {}
         for key, tensor in self.state_dict().items():
@@ -359,17 +357,7 @@ class ControlNetLLLite(nn.Module):
                 tensor = tensor.to(dtype)
             state[key] = tensor.contiguous()
         meta = {str(k): str(v) for k, v in metadata.items()} if metadata else None
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(state, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        save_safetensors_atomic(state, path, meta)
 
     def load_weights(self, file: str | os.PathLike) -> None:
         """Load a published or our own LLLite file strictly: every key present, none extra, every shape equal."""

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from library.errors import ConfigError, ModelLoadError
+from library.fileio import atomic_path, save_safetensors_atomic
 from library.models.sdxl_unet_names import diffusers_to_sgm
 from networks import kohya_names as kn
 from networks.targets import (
@@ -313,21 +314,14 @@ def save_state_dict_file(
     without metadata (as sd-scripts writes them).
     """
     path = os.fspath(file)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
     tensors = {k: v.contiguous() for k, v in state_dict.items()}
-    try:
-        if path.endswith(".safetensors"):
-            meta = _metadata_strings(metadata)
-            meta["sshs_model_hash"], meta["sshs_legacy_hash"] = precalculate_safetensors_hashes(tensors, meta)
-            safetensors.torch.save_file(tensors, tmp, meta)
-        else:
+    if path.endswith(".safetensors"):
+        meta = _metadata_strings(metadata)
+        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = precalculate_safetensors_hashes(tensors, meta)
+        save_safetensors_atomic(tensors, path, meta)
+    else:
+        with atomic_path(path) as tmp:
             torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def build_ss_metadata(
@@ -756,6 +750,51 @@ def create_network(
     )
 
 
+def _network_from_weights(
+    network_cls: type[LoRANetwork],
+    parse_args: Callable[[Mapping[str, Any]], Mapping[str, Any]],
+    family_label: str,
+    multiplier: float,
+    file: str | os.PathLike | None,
+    text_encoder: Any,
+    unet: nn.Module,
+    weights_sd: Mapping[str, torch.Tensor] | None,
+    for_inference: bool,
+    kwargs: Mapping[str, Any],
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The model-family-independent half of `create_network_from_weights` (SDXL here, FLUX in lora_flux).
+
+    Shapes `network_cls` after a kohya file: ranks and alphas come from the weights, training-only args from
+    `parse_args(kwargs)` (dropouts are dropped for inference). `family_label` completes the "modules exist in ..."
+    error, so a user who loads a LoRA for the wrong model family is told which family was expected.
+    """
+    if weights_sd is None:
+        if file is None:
+            raise ModelLoadError("create_network_from_weights needs a file or weights_sd")
+        weights_sd = load_weights_file(file)[0]
+    source = os.fspath(file) if file is not None else "LoRA state dict"
+    weights_sd = kn.prepare_for_loading(weights_sd)
+    modules_dim, modules_alpha = kn.infer_dims_and_alphas(weights_sd)
+    if not modules_dim:
+        raise ModelLoadError(f"{source}: no '*.{KEY_DOWN}' tensors: not a kohya LoRA file")
+    args = parse_args(kwargs)
+    network = network_cls(
+        text_encoder, unet, multiplier=multiplier, modules_dim=modules_dim, modules_alpha=modules_alpha,
+        dropout=None if for_inference else args.get("dropout"),
+        rank_dropout=None if for_inference else args.get("rank_dropout"),
+        module_dropout=None if for_inference else args.get("module_dropout"),
+    )
+    if network.unmatched_names:
+        if not network.loras:
+            raise ModelLoadError(
+                f"{source}: none of its {len(modules_dim)} modules exist in {family_label}, "
+                f"e.g. {network.unmatched_names[0]}"
+            )
+        logger.warning("%s: %d modules have no matching layer and are ignored, e.g. %s", source,
+                       len(network.unmatched_names), ", ".join(network.unmatched_names[:3]))
+    return network, weights_sd
+
+
 def create_network_from_weights(
     multiplier: float,
     file: str | os.PathLike | None,
@@ -771,30 +810,10 @@ def create_network_from_weights(
     The weights are returned with published names (transformers-5 text-encoder names rewritten), ready for
     `network.load_state_dict` after `apply_to`. Nothing is loaded into the network here (as in sd-scripts).
     """
-    if weights_sd is None:
-        if file is None:
-            raise ModelLoadError("create_network_from_weights needs a file or weights_sd")
-        weights_sd = load_weights_file(file)[0]
-    source = os.fspath(file) if file is not None else "LoRA state dict"
-    weights_sd = kn.prepare_for_loading(weights_sd)
-    modules_dim, modules_alpha = kn.infer_dims_and_alphas(weights_sd)
-    if not modules_dim:
-        raise ModelLoadError(f"{source}: no '*.{KEY_DOWN}' tensors: not a kohya LoRA file")
-    args = _parse_network_args(kwargs)
-    network = LoRANetwork(
-        text_encoder, unet, multiplier=multiplier, modules_dim=modules_dim, modules_alpha=modules_alpha,
-        dropout=None if for_inference else args.get("dropout"),
-        rank_dropout=None if for_inference else args.get("rank_dropout"),
-        module_dropout=None if for_inference else args.get("module_dropout"),
+    network, weights_sd = _network_from_weights(
+        LoRANetwork, _parse_network_args, "this model (not an SDXL LoRA?)",
+        multiplier, file, text_encoder, unet, weights_sd, for_inference, kwargs,
     )
-    if network.unmatched_names:
-        if not network.loras:
-            raise ModelLoadError(
-                f"{source}: none of its {len(modules_dim)} modules exist in this model (not an SDXL LoRA?), "
-                f"e.g. {network.unmatched_names[0]}"
-            )
-        logger.warning("%s: %d modules have no matching layer and are ignored, e.g. %s", source,
-                       len(network.unmatched_names), ", ".join(network.unmatched_names[:3]))
     # Record the dominant linear / conv ranks, for metadata and for continuing training with the same settings.
     lin = [m for m in network.unet_loras + network.text_encoder_loras if m.lora_down.weight.dim() == 2
            or m.lora_down.weight.shape[2:] == (1, 1)]

@@ -32,7 +32,7 @@ from library.models import flux_keys
 from networks import kohya_names as kn
 from networks import lora as base
 from networks.lora import LoRAModule, LoRANetwork, LoRATarget, find_targets
-from networks.targets import KEY_DOWN, LORA_PREFIX_UNET, TEXT_ENCODER_TARGET_CONTAINERS
+from networks.targets import LORA_PREFIX_UNET, TEXT_ENCODER_TARGET_CONTAINERS
 
 logger = logging.getLogger(__name__)
 
@@ -336,28 +336,10 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
                                 for_inference: bool = False, **kwargs: Any) -> tuple[FluxLoRANetwork, dict]:
     """A network shaped like a kohya FLUX file (its modules, ranks, alphas); returns (network, normalised weights).
     Nothing is loaded here (as in sd-scripts): call `load_weights` / `load_state_dict` after `apply_to`."""
-    if weights_sd is None:
-        if file is None:
-            raise ModelLoadError("create_network_from_weights needs a file or weights_sd")
-        weights_sd = base.load_weights_file(file)[0]
-    source = os.fspath(file) if file is not None else "LoRA state dict"
-    weights_sd = kn.prepare_for_loading(weights_sd)
-    modules_dim, modules_alpha = kn.infer_dims_and_alphas(weights_sd)
-    if not modules_dim:
-        raise ModelLoadError(f"{source}: no '*.{KEY_DOWN}' tensors: not a kohya LoRA file")
-    args = parse_flux_network_args(kwargs)
-    network = FluxLoRANetwork(
-        text_encoder, unet, multiplier=multiplier, modules_dim=modules_dim, modules_alpha=modules_alpha,
-        dropout=None if for_inference else args.get("dropout"),
-        rank_dropout=None if for_inference else args.get("rank_dropout"),
-        module_dropout=None if for_inference else args.get("module_dropout"),
+    network, weights_sd = base._network_from_weights(
+        FluxLoRANetwork, parse_flux_network_args, "this FLUX model (not a FLUX LoRA?)",
+        multiplier, file, text_encoder, unet, weights_sd, for_inference, kwargs,
     )
-    if network.unmatched_names:
-        if not network.loras:
-            raise ModelLoadError(f"{source}: none of its {len(modules_dim)} modules exist in this FLUX model (not a "
-                                 f"FLUX LoRA?), e.g. {network.unmatched_names[0]}")
-        logger.warning("%s: %d modules have no matching layer and are ignored, e.g. %s", source,
-                       len(network.unmatched_names), ", ".join(network.unmatched_names[:3]))
     if network.unet_loras:
         first = next((m for m in network.unet_loras if not isinstance(m, FusedLoRAModule)), network.unet_loras[0])
         network.lora_dim, network.alpha = first.lora_dim, float(first.alpha)

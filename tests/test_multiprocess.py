@@ -29,9 +29,9 @@ def test_local_slices_partition_the_global_batch():
 def _dataset(tmp_path, batch_size: int) -> str:
     from library.data.synthetic import make_shapes_dataset
 
-    img = tmp_path / "images"
+    img, cond = tmp_path / "images", tmp_path / "cond"
     if not img.exists():
-        make_shapes_dataset(str(img), 8, sizes=[(64, 64)], seed=3)
+        make_shapes_dataset(str(img), 8, sizes=[(64, 64)], seed=3, conditioning_dir=str(cond))
     return write_toml(tmp_path / f"ds_b{batch_size}.toml", f"""
 [general]
 caption_extension = ".txt"
@@ -40,30 +40,65 @@ resolution = 64
 batch_size = {batch_size}
   [[datasets.subsets]]
   image_dir = '{img}'
+  conditioning_data_dir = '{cond}'
 """)
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
-                    reason="torchrun not installed")
-def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, tiny_sdxl_file):
-    common = dict(network_train_unet_only=True, max_train_steps=3, learning_rate=1e-3, save_state=True)
-    one = run_toml(tmp_path, tiny_sdxl_file, _dataset(tmp_path, 4), name="one", output_dir=str(tmp_path / "one"),
-                   **common)
-    r = run_script("sdxl_train_network.py", "--config_file", one)
-    assert r.returncode == 0, r.stderr[-3000:]
+def _sdxl_run(tmp_path, model, ds, name, **extra):
+    return run_toml(tmp_path, model, ds, name=name, output_dir=str(tmp_path / name), network_train_unet_only=True,
+                    **extra)
 
-    two = run_toml(tmp_path, tiny_sdxl_file, _dataset(tmp_path, 2), name="two", output_dir=str(tmp_path / "two"),
-                   **common)
+
+def _flux_run(tmp_path, model, ds, name, **extra):
+    from test_flux_train import flux_toml
+
+    return flux_toml(tmp_path, model, ds, name=name, output_dir=str(tmp_path / name), network_train_unet_only=True,
+                     timestep_sampling="sigmoid", **extra)
+
+
+TRAINERS = {
+    # script, run-config builder, model fixture, extra values
+    "sdxl_lora": ("sdxl_train_network.py", _sdxl_run, "tiny_sdxl_file", {}),
+    "sdxl_lllite": ("sdxl_train_control_net_lllite.py", _sdxl_run, "tiny_sdxl_file",
+                    {"network_module": "networks.control_net_lllite", "network_dim": 8, "cond_emb_dim": 8}),
+    "flux_lora": ("flux_train_network.py", _flux_run, "tiny_flux_model", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_flux_model(tmp_path_factory) -> str:
+    from library.models.tiny_flux import save_tiny_flux
+
+    return save_tiny_flux(str(tmp_path_factory.mktemp("flux") / "single"), "single_file", seed=0)
+
+
+def _torchrun(tmp_path, script: str, cfg: str, port: int) -> subprocess.CompletedProcess:
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", str(REPO / "sdxl_train_network.py"),
-                        "--config_file", two], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port), str(REPO / script),
+                           "--config_file", cfg], cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+                    reason="torchrun not installed")
+@pytest.mark.parametrize("trainer", list(TRAINERS))
+def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, trainer, request):
+    script, make_run, model_fixture, extra = TRAINERS[trainer]
+    model = request.getfixturevalue(model_fixture)
+    common = dict(max_train_steps=3, learning_rate=1e-3, save_state=True, **extra)
+    one = make_run(tmp_path, model, _dataset(tmp_path, 4), "one", **common)
+    r = run_script(script, "--config_file", one)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    two = make_run(tmp_path, model, _dataset(tmp_path, 2), "two", **common)
+    r = _torchrun(tmp_path, script, two, 29517 + list(TRAINERS).index(trainer))
     assert r.returncode == 0, r.stderr[-4000:]
     out = r.stdout + r.stderr
     assert "2 per device x 2 process(es)" in out
     assert "Traceback" not in out
 
-    # the same samples, noise and gradients: the same losses and the same LoRA, up to float error
+    # the same samples, noise and gradients: the same losses and the same network, up to float error
     assert read_losses(tmp_path / "two_loss.jsonl") == pytest.approx(read_losses(tmp_path / "one_loss.jsonl"),
                                                                       rel=1e-4, abs=1e-6)
     a = load_file(str(tmp_path / "one" / "lora.safetensors"))
@@ -73,13 +108,15 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, tiny_sdx
         # Adam divides by sqrt(v): float-level gradient differences (different reduction order) show up as ~1e-5
         # absolute in the weights, 1% of one step's update at lr 1e-3
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=2e-5)
-    # only the main process wrote: one loss line per step
+    # only the main process wrote: one loss line per step, one set of files
     assert len(read_losses(tmp_path / "two_loss.jsonl")) == 3
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["lora-state", "lora.safetensors"]
     state = json.loads((tmp_path / "two" / "lora-state" / "loop_state.json").read_text())
     assert state["num_processes"] == 2
 
-    # resuming a 2-process state with 1 process is refused with a clear message
-    r = run_script("sdxl_train_network.py", "--config_file", two, "--resume", str(tmp_path / "two" / "lora-state"),
-                   "--max_train_steps", "4")
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert "2 process(es)" in r.stderr and "same number of processes" in r.stderr
+    if trainer == "sdxl_lora":
+        # resuming a 2-process state with 1 process is refused with a clear message
+        r = run_script(script, "--config_file", two, "--resume", str(tmp_path / "two" / "lora-state"),
+                       "--max_train_steps", "4")
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert "2 process(es)" in r.stderr and "same number of processes" in r.stderr

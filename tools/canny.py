@@ -27,6 +27,8 @@ if __package__ in (None, ""):  # run as a script: make `library` importable from
 import cv2
 import numpy as np
 
+from library.fileio import atomic_path
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif")
 
 FOLDER_DEFAULT_THRESHOLDS = (100, 200)
@@ -107,9 +109,8 @@ def write_png(path: str, image: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", image)
     if not ok:
         raise OSError(f"cannot encode PNG for {path}")
-    tmp = path + ".tmp"
-    buf.tofile(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        buf.tofile(tmp)
 
 
 @dataclass

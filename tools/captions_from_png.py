@@ -8,14 +8,13 @@ Generated (synthetic) images carry their prompt in a ``prompt`` text chunk (sd-s
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a script from anywhere
 
 from library.errors import UserError  # noqa: E402
+from library.fileio import write_text_atomic  # noqa: E402
 from library.sample.png_metadata import read_png_info  # noqa: E402
 
 
@@ -30,15 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, text)
 
 
 def find_pngs(image_dir: Path, recursive: bool) -> list[Path]:

@@ -1,6 +1,7 @@
-"""Synthetic training data from predictions: for each annotated source image, an SDXL image with a prompt made
-from its labels ("a photo with 2 dogs and a cat"), optionally a LoRA trained on the sources and ControlNet-LLLite
-guided by the source's canny map, filtered by a detector, written with records in the input's format.
+"""Synthetic training data from predictions: for each annotated source image, an SDXL or FLUX image with a prompt
+made from its labels ("a photo with 2 dogs and a cat"), optionally a LoRA trained on the sources, ControlNet-LLLite
+(SDXL) or a pretrained ControlNet guided by the source's canny/depth map, filtered by a detector, written with records
+in the input's format (and YOLO labels on request).
 
     python tools/synthesize.py --predictions predictions.jsonl --images_root imgs --output_dir out \
         --pretrained_model_name_or_path sdxl.safetensors --num_samples 100 --skip_training \
@@ -40,12 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--on_error", choices=("skip", "fail"), default="skip",
                    help="bad records or missing images: skip them with a warning (default) or stop")
     g = p.add_argument_group("generation")
+    g.add_argument("--backend", choices=("sdxl", "flux"), default="sdxl", help="model family (default sdxl)")
     g.add_argument("--pretrained_model_name_or_path", "--ckpt", dest="model", required=True,
-                   help="SDXL single file or diffusers folder")
+                   help="SDXL or FLUX single file, or diffusers folder")
+    g.add_argument("--ae", default=None, help="FLUX: autoencoder file (with a BFL single-file model)")
+    g.add_argument("--clip_l", default=None, help="FLUX: CLIP-L file (with a BFL single-file model)")
+    g.add_argument("--t5xxl", default=None, help="FLUX: T5-XXL file (with a BFL single-file model)")
+    g.add_argument("--t5xxl_max_token_length", type=int, default=None, help="FLUX: T5 tokens (default 512 dev)")
     g.add_argument("--num_samples", type=int, required=True, help="total synthetic images (sources are cycled)")
     g.add_argument("--steps", type=int, default=30, help="denoising steps")
     g.add_argument("--resolution", type=int, default=1024, help="about this many pixels squared, aspect kept")
-    g.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
+    g.add_argument("--scale", "--guidance_scale", dest="scale", type=float, default=None,
+                   help="guidance scale (default: SDXL 7.5 classifier-free, FLUX 3.5 distilled)")
     g.add_argument("--sampler", default="euler_a", help="sampler name as in sdxl_gen_img.py")
     g.add_argument("--seed", type=int, default=0, help="run seed: sample i gets a seed derived from it and i")
     g.add_argument("--prompt_template", default="a photo with {labels}",
@@ -60,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--depth_model", default=None, help="local transformers depth-estimation model folder")
     g.add_argument("--lllite_path", default=None, help="ControlNet-LLLite file, guided by the source's canny map")
     g.add_argument("--lllite_multiplier", type=float, default=1.0)
+    g.add_argument("--control_net_model", default=None,
+                   help="diffusers ControlNet / ControlNet-Union (SDXL) or FluxControlNetModel folder")
+    g.add_argument("--control_net_types", default=None,
+                   help="conditioning maps that guide it, comma list of canny, depth (a union model: its modes; "
+                        "a plain model: one; default the first of --controlnet_types)")
+    g.add_argument("--control_net_weight", type=float, default=1.0, help="ControlNet conditioning scale")
     g = p.add_argument_group("LoRA")
     lora = g.add_mutually_exclusive_group()
     lora.add_argument("--lora_path", default=None, help="use this LoRA instead of training one")
@@ -75,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"filter with ultralytics YOLO (optional package; weights default {DEFAULT_YOLO_WEIGHTS})")
     g.add_argument("--iou", type=float, default=0.5, help="IoU a detection needs to match a carried box")
     g.add_argument("--min_score", type=float, default=0.0, help="ignore detections scored below this")
+    g = p.add_argument_group("output labels")
+    g.add_argument("--yolo_labels", action="store_true",
+                   help="also write labels/<name>.txt (class cx cy w h, normalised) and labels/classes.txt")
     return p
 
 
@@ -94,7 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_dim=args.train_dim, lllite_path=args.lllite_path, lllite_multiplier=args.lllite_multiplier,
         filter_spec=args.filter_spec, yolo=args.yolo, iou=args.iou, min_score=args.min_score,
         on_error=args.on_error, seed=args.seed, prompt_template=args.prompt_template, device=args.device,
-        precision=args.precision, tokenizer_cache_dir=args.tokenizer_cache_dir)
+        precision=args.precision, tokenizer_cache_dir=args.tokenizer_cache_dir, backend=args.backend, ae=args.ae,
+        clip_l=args.clip_l, t5xxl=args.t5xxl, t5xxl_max_token_length=args.t5xxl_max_token_length,
+        control_net_model=args.control_net_model, control_net_types=parse_control_types(args.control_net_types),
+        control_net_weight=args.control_net_weight, yolo_labels=args.yolo_labels)
     s = run(options)
     skipped = f", {len(s.skipped_records)} bad record(s) skipped" if s.skipped_records else ""
     print(f"{s.planned} sample(s): generated {s.generated}, reused {s.reused} from an earlier run; "

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from library.errors import UserError
+from library.fileio import atomic_path
 
 
 class CacheCorrupt(UserError):
@@ -25,20 +25,9 @@ class CacheCorrupt(UserError):
 def save_tensors_atomic(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write to a temporary file in the same directory, fsync it, then rename over `path` (atomic on POSIX and
     Windows), so readers see either the old file or the complete new one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    os.close(fd)
-    try:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(path, suffix=".safetensors", fsync=True) as tmp:
         save_file(tensors, tmp, metadata={str(k): str(v) for k, v in metadata.items()})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def read_metadata(path: str) -> dict[str, str]:

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import toml
 
 from library.errors import ConfigError
+from library.fileio import write_text_atomic
 
 
 def _flatten(table: dict[str, Any], file: str, prefix: str = "") -> dict[str, tuple[Any, str]]:
@@ -90,7 +91,4 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
 def write_run_config(args: argparse.Namespace, path: str, exclude: Sequence[str] = ("config_file", "output_config")) -> None:
     """Write the arguments as a flat TOML (None values omitted: TOML has no null)."""
     data = {k: v for k, v in sorted(vars(args).items()) if v is not None and k not in exclude}
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        toml.dump(data, f)
-    os.replace(tmp, path)
+    write_text_atomic(path, toml.dumps(data), newline=None)

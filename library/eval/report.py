@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -22,6 +21,7 @@ import torch
 
 from library.data.images import IMAGE_EXTENSIONS, load_image
 from library.errors import UserError
+from library.fileio import write_text_atomic
 from library.eval.metrics import (
     CLIP_FLAG,
     DINO_FLAG,
@@ -296,17 +296,7 @@ def _json_safe(value: Any) -> Any:
 def write_report_json(report: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write the report as JSON, atomically (temp file + rename), so a crash never leaves half a report."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_json_safe(report), indent=2, ensure_ascii=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, json.dumps(_json_safe(report), indent=2, ensure_ascii=False) + "\n", newline=None)
     return path
 
 

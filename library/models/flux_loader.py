@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from library.errors import ModelLoadError
 from library.models import flux_keys, sdxl_keys
 from library.models.sdxl_loader import _read_single_file, infer_text_config
 from library.models.tokenizers import find_tokenizer_folder, shipped_clip_tokenizer
+from library.models.vae_config import count_indices, infer_autoencoder_kl_config
 
 CONFIG_METADATA_KEY = "flux_config"
 SINGLE_FILE_NAMES = {"transformer": "flux.safetensors", "ae": "ae.safetensors", "clip_l": "clip_l.safetensors",
@@ -72,12 +72,6 @@ def _read(path: str | None, what: str, flag: str) -> tuple[dict[str, torch.Tenso
         raise ModelLoadError(f"{path}: no such file ({flag}, the {what})")
     tensors, metadata = _read_single_file(path, allow_pickle=False)
     return tensors, _metadata_config(path, metadata)
-
-
-def _count(keys, pattern: str) -> int:
-    rx = re.compile(pattern)
-    found = {int(m.group(1)) for k in keys if (m := rx.match(k))}
-    return max(found) + 1 if found else 0
 
 
 def default_axes_dims(head_dim: int) -> tuple[int, int, int]:
@@ -167,16 +161,7 @@ def load_flux_transformer(path: str, dtype: torch.dtype = torch.float32) -> Flux
 # autoencoder
 def infer_ae_config(sd: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
     """AutoencoderKL config of a diffusers-named FLUX autoencoder state dict (no quant convs)."""
-    levels = _count(sd, r"encoder\.down_blocks\.(\d+)\.")
-    config = {
-        "in_channels": sd["encoder.conv_in.weight"].shape[1],
-        "out_channels": sd["decoder.conv_out.weight"].shape[0],
-        "down_block_types": ["DownEncoderBlock2D"] * levels,
-        "up_block_types": ["UpDecoderBlock2D"] * levels,
-        "block_out_channels": [sd[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0] for i in range(levels)],
-        "layers_per_block": _count(sd, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."),
-        "latent_channels": sd["decoder.conv_in.weight"].shape[1],
-        "norm_num_groups": 32,
+    defaults = {
         "sample_size": 1024,
         "scaling_factor": FLUX_AE_SCALE,
         "shift_factor": FLUX_AE_SHIFT,
@@ -184,8 +169,10 @@ def infer_ae_config(sd: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> 
         "use_post_quant_conv": "post_quant_conv.weight" in sd,
         "force_upcast": True,
     }
-    config.update(meta)
-    return config
+    return infer_autoencoder_kl_config(
+        sd, meta, latent_channels_key="decoder.conv_in.weight", latent_channels_dim=1, defaults=defaults,
+        norm_num_groups=32,
+    )
 
 
 def load_flux_ae(path: str, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
@@ -239,7 +226,7 @@ def infer_t5_config(sd: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> 
         "d_model": sd["shared.weight"].shape[1],
         "d_kv": sd["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0] // heads,
         "d_ff": wi.shape[0],
-        "num_layers": _count(sd, r"encoder\.block\.(\d+)\."),
+        "num_layers": count_indices(sd, r"encoder\.block\.(\d+)\."),
         "num_heads": heads,
         "relative_attention_num_buckets": bias.shape[0],
         "feed_forward_proj": "gated-gelu" if gated else "relu",

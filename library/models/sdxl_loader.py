@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -18,12 +17,13 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from library.errors import ModelLoadError
+from library.fileio import save_safetensors_atomic
 from library.models import sdxl_keys
 from library.models.tokenizers import load_sdxl_tokenizers
+from library.models.vae_config import count_indices, groups_dividing, infer_autoencoder_kl_config
 
 CONFIG_METADATA_KEY = "sdxl_config"
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
@@ -110,33 +110,15 @@ def _check_family(path: str, keys: set[str]) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # config inference (diffusers / transformers names)
-def _indices(keys, pattern: str) -> list[int]:
-    rx = re.compile(pattern)
-    return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
-
-
-def _count(keys, pattern: str) -> int:
-    found = _indices(keys, pattern)
-    return found[-1] + 1 if found else 0
-
-
-def _fallback_groups(channels: list[int], preferred: int = 32) -> int:
-    """GroupNorm groups when the file does not say: SDXL's 32, or the largest power of two dividing every width."""
-    groups = preferred
-    while groups > 1 and any(c % groups for c in channels):
-        groups //= 2
-    return groups
-
-
 def infer_unet_config(unet: Mapping[str, torch.Tensor], te2_projection_dim: int, meta: dict[str, Any]) -> dict:
     """diffusers UNet2DConditionModel config of an SDXL-layout U-Net state dict."""
     keys = list(unet.keys())
-    levels = _count(keys, r"down_blocks\.(\d+)\.")
+    levels = count_indices(keys, r"down_blocks\.(\d+)\.")
     channels = [unet[f"down_blocks.{i}.resnets.0.conv2.weight"].shape[0] for i in range(levels)]
     down_attn = [any(k.startswith(f"down_blocks.{i}.attentions.") for k in keys) for i in range(levels)]
     up_attn = [any(k.startswith(f"up_blocks.{i}.attentions.") for k in keys) for i in range(levels)]
-    down_depth = [max(1, _count(keys, rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\.")) for i in range(levels)]
-    up_depth = [max(1, _count(keys, rf"up_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\.")) for i in range(levels)]
+    down_depth = [max(1, count_indices(keys, rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\.")) for i in range(levels)]
+    up_depth = [max(1, count_indices(keys, rf"up_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\.")) for i in range(levels)]
     attn2_k = next(unet[k] for k in keys if k.endswith("attn2.to_k.weight"))
     proj_in = next(unet[k] for k in keys if k.endswith("proj_in.weight"))
     add_in = unet["add_embedding.linear_1.weight"].shape[1]
@@ -155,7 +137,7 @@ def infer_unet_config(unet: Mapping[str, torch.Tensor], te2_projection_dim: int,
         "addition_time_embed_dim": (add_in - te2_projection_dim) // 6,
         "projection_class_embeddings_input_dim": add_in,
         **SDXL_DEFAULTS["unet"],
-        "norm_num_groups": _fallback_groups(channels),
+        "norm_num_groups": groups_dividing(channels),
     }
     if up_depth != list(reversed(down_depth)):
         config["reverse_transformer_layers_per_block"] = [up_depth[i] for i in range(levels)]
@@ -164,22 +146,11 @@ def infer_unet_config(unet: Mapping[str, torch.Tensor], te2_projection_dim: int,
 
 
 def infer_vae_config(vae: Mapping[str, torch.Tensor], meta: dict[str, Any]) -> dict:
-    """diffusers AutoencoderKL config of an LDM/diffusers VAE state dict."""
-    keys = list(vae.keys())
-    levels = _count(keys, r"encoder\.down_blocks\.(\d+)\.")
-    config = {
-        "in_channels": vae["encoder.conv_in.weight"].shape[1],
-        "out_channels": vae["decoder.conv_out.weight"].shape[0],
-        "down_block_types": ["DownEncoderBlock2D"] * levels,
-        "up_block_types": ["UpDecoderBlock2D"] * levels,
-        "block_out_channels": [vae[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0] for i in range(levels)],
-        "layers_per_block": _count(keys, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."),
-        "latent_channels": vae["post_quant_conv.weight"].shape[0],
-        **SDXL_DEFAULTS["vae"],
-    }
-    config["norm_num_groups"] = _fallback_groups(config["block_out_channels"])  # SDXL: 32
-    config.update(meta)
-    return config
+    """diffusers AutoencoderKL config of an LDM/diffusers VAE state dict (GroupNorm groups: SDXL's 32, fewer for
+    tiny widths)."""
+    return infer_autoencoder_kl_config(
+        vae, meta, latent_channels_key="post_quant_conv.weight", latent_channels_dim=0, defaults=SDXL_DEFAULTS["vae"]
+    )
 
 
 def infer_text_config(te: Mapping[str, torch.Tensor], which: str, meta: dict[str, Any]) -> CLIPTextConfig:
@@ -191,7 +162,7 @@ def infer_text_config(te: Mapping[str, torch.Tensor], which: str, meta: dict[str
         "hidden_size": hidden,
         "max_position_embeddings": te["text_model.embeddings.position_embedding.weight"].shape[0],
         "intermediate_size": te["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        "num_hidden_layers": _count(te.keys(), r"text_model\.encoder\.layers\.(\d+)\."),
+        "num_hidden_layers": count_indices(te.keys(), r"text_model\.encoder\.layers\.(\d+)\."),
         "num_attention_heads": max(1, hidden // SDXL_HEAD_DIM),
         **SDXL_DEFAULTS[which],
     }
@@ -344,17 +315,7 @@ def save_sdxl_single_file(models: SDXLModels, path: str, metadata: dict[str, str
         models.unet.state_dict(), models.vae.state_dict(),
         models.text_encoder1.state_dict(), models.text_encoder2.state_dict(),
     )
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    sd = {k: v.detach().to("cpu") for k, v in sd.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta[CONFIG_METADATA_KEY] = config_metadata(models)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    save_safetensors_atomic(sd, path, meta)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
 from library.errors import UserError
+from library.fileio import atomic_path
 from library.sample.schedulers import SAMPLERS, SAMPLER_ALIASES, a1111_sampler_label, sampler_from_a1111_label
 
 # chunk names, as sd-scripts' generation scripts write them
@@ -113,16 +113,8 @@ def save_png_with_info(image: Image.Image, path: str | os.PathLike, info: Genera
         chunks.add_text(key, str(value))
     chunks.add_text(KEY_PARAMETERS, format_a1111_parameters(info))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG", pnginfo=chunks)
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+    with atomic_path(path) as tmp_name:
+        image.save(tmp_name, format="PNG", pnginfo=chunks)
     return path
 
 

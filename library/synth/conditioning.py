@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from library.errors import ModelLoadError, UserError
+from library.fileio import atomic_path
 from tools.canny import canny_image
 
 CONTROL_TYPES = ("canny", "depth")
@@ -63,9 +64,9 @@ def make_canny(thresholds: tuple[int, int] = DEFAULT_CANNY_THRESHOLDS) -> Condit
 class DepthEstimator:
     """A transformers depth model from a local folder; loaded once, used for every source image."""
 
-    def __init__(self, folder: str, device: str = "cpu"):
+    def __init__(self, folder: str, device: str = "cpu", flag: str = "--depth_model"):
         if not os.path.isdir(folder):
-            raise ModelLoadError(f"--depth_model '{folder}': no such folder (a transformers depth model folder)")
+            raise ModelLoadError(f"{flag} '{folder}': no such folder (a transformers depth model folder)")
         import torch
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
@@ -73,7 +74,7 @@ class DepthEstimator:
             self.processor = AutoImageProcessor.from_pretrained(folder)
             self.model = AutoModelForDepthEstimation.from_pretrained(folder).to(device).eval()
         except (OSError, ValueError, KeyError) as exc:
-            raise ModelLoadError(f"--depth_model '{folder}': cannot load a depth model and its image processor "
+            raise ModelLoadError(f"{flag} '{folder}': cannot load a depth model and its image processor "
                                  f"({exc})") from None
         self.device = device
         self._torch = torch
@@ -106,6 +107,5 @@ def build_makers(types: list[str], depth_model: str | None, canny_thresholds: tu
 
 
 def save_png_atomic(image: Image.Image, path: str) -> None:
-    tmp = f"{path}.tmp.png"
-    image.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        image.save(tmp)

@@ -21,7 +21,8 @@ from PIL import Image
 
 from library.errors import UserError
 from library.sample.sdxl_generate import derive_seed
-from library.synth import conditioning, filtering, prompts, records, training
+from library.synth import backends, conditioning, filtering, prompts, records, training
+from library.synth.yolo_labels import YoloLabelWriter
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,16 @@ class SynthOptions:
     images_root: str | None = None
     steps: int = 30
     resolution: int = 1024
-    scale: float = 7.5
+    scale: float | None = None  # None: the backend's default (SDXL 7.5, FLUX 3.5)
+    backend: str = "sdxl"
+    ae: str | None = None  # FLUX single-file parts, as flux_gen_img.py's flags
+    clip_l: str | None = None
+    t5xxl: str | None = None
+    t5xxl_max_token_length: int | None = None
+    control_net_model: str | None = None  # diffusers ControlNet / ControlNet-Union / FLUX ControlNet folder
+    control_net_types: list[str] = field(default_factory=list)  # its guide types (union: its modes)
+    control_net_weight: float = 1.0
+    yolo_labels: bool = False
     sampler: str = "euler_a"
     negative_prompt: str | None = None
     controlnet_types: list[str] = field(default_factory=lambda: ["canny"])
@@ -112,10 +122,40 @@ def check_options(o: SynthOptions) -> None:
         raise UserError("give --filter or --yolo, not both")
     if "depth" in o.controlnet_types and not o.depth_model:
         raise UserError("--controlnet_types depth needs --depth_model (a local transformers depth model folder)")
+    backend = backends.get_backend(o.backend)
+    if o.lllite_path and not backend.lllite:
+        raise UserError(f"--lllite_path: ControlNet-LLLite is for SDXL; the {o.backend} backend cannot use it "
+                        "(use --control_net_model)")
+    for flag, value in (("--ae", o.ae), ("--clip_l", o.clip_l), ("--t5xxl", o.t5xxl)):
+        if value and o.backend != "flux":
+            raise UserError(f"{flag} is a FLUX model flag: add --backend flux")
+        if value and not os.path.isfile(value):
+            raise UserError(f"{flag} '{value}': no such file")
+    if o.control_net_weight < 0:
+        raise UserError(f"--control_net_weight must not be negative, got {o.control_net_weight}")
+    guide_types, _ = controlnet_guides(o)
+    if "depth" in guide_types and not o.depth_model:
+        raise UserError("--control_net_types depth needs --depth_model (a local transformers depth model folder)")
     if o.precision not in ("fp32", "fp16", "bf16"):
         raise UserError(f"unknown precision {o.precision!r}")
     prompts.check_template(o.prompt_template)
     conditioning.output_size(1, 1, o.resolution)  # validates the resolution
+
+
+def controlnet_guides(o: SynthOptions) -> tuple[list[str], bool]:
+    """(conditioning types guiding --control_net_model, one per input; whether it is a union model)."""
+    return backends.controlnet_guide_types(o.control_net_model, o.control_net_types, o.controlnet_types,
+                                           backends.get_backend(o.backend))
+
+
+def guiding_types(o: SynthOptions) -> list[str]:
+    """The conditioning types that steer the image (LLLite's canny, the ControlNet's inputs), in order."""
+    types = ["canny"] if o.lllite_path else []
+    return list(dict.fromkeys(types + controlnet_guides(o)[0]))
+
+
+def effective_scale(o: SynthOptions) -> float:
+    return o.scale if o.scale is not None else backends.get_backend(o.backend).default_scale
 
 
 def sample_name(index: int, total: int) -> str:
@@ -125,9 +165,13 @@ def sample_name(index: int, total: int) -> str:
 def _fingerprint(o: SynthOptions, source: records.SourceRecord, prompt: str, seed: int, size: tuple[int, int],
                  lora: str | None) -> str:
     """What decides the pixels of one sample; a finished sample is reused only when it matches."""
-    parts = [source.image_id, source.image_path, prompt, seed, size, o.steps, o.scale, o.sampler, o.negative_prompt,
-             os.path.abspath(o.model), lora, o.lora_multiplier, o.lllite_path, o.lllite_multiplier, o.precision,
-             o.canny_thresholds, o.filter_spec, o.yolo, o.iou, o.min_score]
+    parts = [source.image_id, source.image_path, prompt, seed, size, o.steps, effective_scale(o), o.sampler,
+             o.negative_prompt, os.path.abspath(o.model), lora, o.lora_multiplier, o.lllite_path, o.lllite_multiplier,
+             o.precision, o.canny_thresholds, o.filter_spec, o.yolo, o.iou, o.min_score]
+    if o.backend != "sdxl" or o.control_net_model:  # appended only when used: earlier SDXL outputs stay valid
+        parts += [o.backend, o.ae, o.clip_l, o.t5xxl, o.t5xxl_max_token_length,
+                  o.control_net_model and os.path.abspath(o.control_net_model), o.control_net_types,
+                  o.control_net_weight, o.depth_model if "depth" in guiding_types(o) else None]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
@@ -236,40 +280,52 @@ def _resolve_lora(o: SynthOptions, sources: list[records.SourceRecord], out: Pat
         return None
     unique = list(dict.fromkeys(s.image_path for s in sources))
     caption = {s.image_path: prompts.build_prompt(o.prompt_template, s.labels) for s in sources}
+    files = (("ae", o.ae and os.path.abspath(o.ae)), ("clip_l", o.clip_l and os.path.abspath(o.clip_l)),
+             ("t5xxl", o.t5xxl and os.path.abspath(o.t5xxl)), ("t5xxl_max_token_length", o.t5xxl_max_token_length))
     settings = training.TrainingSettings(model=os.path.abspath(o.model), resolution=o.resolution,
                                          steps=o.train_steps, learning_rate=o.train_lr, network_dim=o.train_dim,
-                                         seed=o.seed)
+                                         seed=o.seed, backend=o.backend,
+                                         model_files=tuple((k, v) for k, v in files if v is not None))
     return training.train_lora(out / "lora", [(os.path.abspath(p), caption[p]) for p in unique], settings)
 
 
 class Generator:
-    """sdxl_gen_img.py's generator (library.sample.sdxl_generate), loaded once and fed one request per sample."""
+    """The backend's generator (sdxl_gen_img.py's or flux_gen_img.py's), loaded once and fed one request per sample.
+
+    LLLite is guided by the sample's canny map; a pretrained ControlNet by its guide types' maps (one per input)."""
 
     def __init__(self, o: SynthOptions, lora: str | None, staging: Path):
-        import torch
+        from library.sample.controlnets import ControlNetSpec
+        from library.sample.sdxl_generate import GenerationConfig, LLLiteSpec, NetworkSpec, resolve_device
 
-        from library.models.sdxl_loader import load_sdxl
-        from library.sample.sdxl_generate import (GenerationConfig, LLLiteSpec, NetworkSpec, SDXLGenerator,
-                                                  resolve_device)
-
+        backend = backends.get_backend(o.backend)
+        self.guide_types, union = controlnet_guides(o)
+        controlnets = []
+        if o.control_net_model:
+            controlnets = [ControlNetSpec(o.control_net_model, ("per-sample",) * len(self.guide_types),
+                                          o.control_net_weight, 1.0, tuple(self.guide_types) if union else ())]
         self.config = GenerationConfig(
             model=o.model, outdir=str(staging), prompts=[], width=o.resolution, height=o.resolution,
-            steps=o.steps, scale=o.scale, seed=o.seed, sampler=o.sampler, device=o.device, dtype=o.precision,
-            networks=[NetworkSpec("networks.lora", lora, o.lora_multiplier)] if lora else [],
+            steps=o.steps, scale=effective_scale(o), seed=o.seed, sampler=o.sampler, device=o.device,
+            dtype=o.precision, networks=[NetworkSpec(backend.network_module, lora, o.lora_multiplier)] if lora else [],
             lllite=[LLLiteSpec(o.lllite_path, o.lllite_multiplier)] if o.lllite_path else [],
-            tokenizer_cache_dir=o.tokenizer_cache_dir)
-        device = resolve_device(o.device)
-        models = load_sdxl(o.model, torch.float32, o.tokenizer_cache_dir, False)
-        self.generator = SDXLGenerator(models, self.config, device)
-        self.negative = o.negative_prompt
+            tokenizer_cache_dir=o.tokenizer_cache_dir, controlnets=controlnets)
+        files = backends.ModelFiles(o.model, o.ae, o.clip_l, o.t5xxl, o.t5xxl_max_token_length, o.tokenizer_cache_dir)
+        if o.negative_prompt and not backend.negative_prompt:
+            logger.warning("--negative_prompt: the %s backend uses no negative prompt; it is ignored", o.backend)
+        self.generator = backend.load(files, self.config, resolve_device(o.device))
+        self.negative = o.negative_prompt if backend.negative_prompt else None
+        self.lllite = bool(o.lllite_path)
 
-    def __call__(self, plan: SamplePlan, control: Path | None) -> Path:
+    def __call__(self, plan: SamplePlan, conditions: dict[str, Path]) -> Path:
         from library.sample.sdxl_generate import ImageRequest
 
         w, h = plan.size
+        guides = (tuple(str(conditions[t]) for t in self.guide_types),) if self.guide_types else None
         request = ImageRequest(index=plan.index, prompt=plan.prompt, negative_prompt=self.negative or None,
                                seed=plan.seed, width=w, height=h, steps=self.config.steps, scale=self.config.scale,
-                               original_size=(w, h), control_image=str(control) if control else None)
+                               original_size=(w, h), control_image=str(conditions["canny"]) if self.lllite else None,
+                               controlnet_images=guides)
         (path,) = self.generator.generate([request])
         return Path(path)
 
@@ -282,9 +338,8 @@ def run(o: SynthOptions, detector_factory: Callable[[SynthOptions], filtering.De
     detector = detector_factory(o)
     out = Path(o.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    types = list(o.controlnet_types)
-    if o.lllite_path and "canny" not in types:
-        types.insert(0, "canny")  # LLLite is guided by the source's canny map
+    # LLLite is guided by the source's canny map, a ControlNet by its guide types' maps: make those too
+    types = list(dict.fromkeys(guiding_types(o) + list(o.controlnet_types)))
     from library.sample.sdxl_generate import resolve_device
 
     makers = conditioning.build_makers(types, o.depth_model, o.canny_thresholds, str(resolve_device(o.device)))
@@ -306,20 +361,23 @@ def run(o: SynthOptions, detector_factory: Callable[[SynthOptions], filtering.De
                 summary.generated += 1
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+    labels = YoloLabelWriter(out, sources) if o.yolo_labels else None
     for p in plans:
         rec = store.records.get(p.name)
         if rec is not None:
-            if rec["synthetic"]["kept"]:
-                summary.kept += 1
-            else:
-                summary.filtered += 1
+            kept = rec["synthetic"]["kept"]
+            summary.kept += kept
+            summary.filtered += not kept
+            if labels is not None:
+                labels.write(p.name, p.source.task, records.scaled_boxes(p.source, p.size, p.source_size), p.size,
+                             kept)
     return summary
 
 
 def _one_sample(o: SynthOptions, plan: SamplePlan, store: OutputStore, plans: list[SamplePlan],
-                generate: Callable[[SamplePlan, Path | None], Path], detector: filtering.Detector | None,
+                generate: Callable[[SamplePlan, dict[str, Path]], Path], detector: filtering.Detector | None,
                 conditions: dict[str, Path], lora: str | None) -> None:
-    staged = generate(plan, conditions.get("canny") if o.lllite_path else None)
+    staged = generate(plan, conditions)
     boxes = records.scaled_boxes(plan.source, plan.size, plan.source_size)
     result = None
     if detector is not None:
@@ -338,6 +396,7 @@ def _one_sample(o: SynthOptions, plan: SamplePlan, store: OutputStore, plans: li
         "conditions": {k: str(p.relative_to(store.root)) for k, p in conditions.items()},
         "lora": lora, "fingerprint": plan.fingerprint,
     }
+    generation = records.generation_meta(plan.source.image_id, lora, guiding_types(o), plan.prompt, plan.seed)
     rec = records.synthetic_record(plan.source, plan.name, str(target), rel, str(store.root), plan.size,
-                                   plan.source_size, synthetic)
+                                   plan.source_size, synthetic, generation)
     store.commit(plans, rec)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from library.errors import UserError
+from library.fileio import write_text_atomic
 
 TASKS = ("classification", "detection")
 
@@ -173,9 +174,19 @@ def check_problems(path: str, records: list[SourceRecord], problems: list[Record
         raise RecordsError(f"{path}: no usable records" + (f" ({len(problems)} skipped)" if problems else ""))
 
 
+def generation_meta(source_image_id: str, lora_path: str | None, controlnet_types: list[str], prompt: str,
+                    seed: int) -> dict[str, Any]:
+    """What `raw.meta` says about a generated image, so that consumers that read only `raw.meta` (dataset loaders,
+    viewers) can tell synthetic images from real ones and trace them to their source, prompt and seed."""
+    return {"generated": True, "source_image_id": source_image_id, "lora_path": lora_path,
+            "controlnet_types": list(controlnet_types), "prompt": prompt, "seed": seed}
+
+
 def synthetic_record(source: SourceRecord, image_id: str, abs_path: str, rel_path: str, root: str,
-                     size: tuple[int, int], source_size: tuple[int, int], synthetic: dict[str, Any]) -> dict[str, Any]:
-    """The source's record with a new id and paths, its boxes scaled to the output size, and a `synthetic` block."""
+                     size: tuple[int, int], source_size: tuple[int, int], synthetic: dict[str, Any],
+                     generation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The source's record with a new id and paths, its boxes scaled to the output size, and a `synthetic` block;
+    `generation` (see `generation_meta`) is merged into `raw.meta`."""
     rec = copy.deepcopy(source.raw_record)
     rec["image_id"] = image_id
     if source.task == "detection":
@@ -186,6 +197,7 @@ def synthetic_record(source: SourceRecord, image_id: str, abs_path: str, rel_pat
     raw = rec.setdefault("raw", {})
     meta = raw.setdefault("meta", {})
     meta.update(abs_path=abs_path, rel_path=rel_path, root=root, width=size[0], height=size[1])
+    meta.update(generation or {})
     rec["synthetic"] = synthetic
     return rec
 
@@ -197,11 +209,7 @@ def scaled_boxes(source: SourceRecord, size: tuple[int, int], source_size: tuple
 
 def write_jsonl_atomic(path: str, records: Iterable[dict[str, Any]]) -> None:
     """Temp file + replace: a crash mid-write never leaves a truncated file that a rerun would trust."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records), newline=None)
 
 
 def read_jsonl_lenient(path: str) -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""Optional LoRA training on the source images, through `sdxl_train_network.py` run as a subprocess.
+"""Optional LoRA training on the source images, through the backend's trainer script run as a subprocess
+(`sdxl_train_network.py` or `flux_train_network.py`; the `TRAINERS` table says which and with what network module).
 
 A subprocess rather than an import: the trainer owns its process (accelerate state, seeds, memory), and users can
 rerun the exact command from the TOML files this module writes next to the LoRA.
@@ -16,13 +17,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from library.errors import UserError
+from library.fileio import write_text_atomic
 from library.synth.conditioning import SIZE_STEP
 
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
-TRAIN_SCRIPT = REPO / "sdxl_train_network.py"
 LORA_NAME = "synth_lora"
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """How one backend trains a LoRA: the script, its network module, and which extra model files it takes."""
+
+    script: str
+    network_module: str
+    model_files: tuple[str, ...] = ()  # keys of TrainingSettings.model_files passed on as TOML values
+
+
+TRAINERS: dict[str, Trainer] = {
+    "sdxl": Trainer("sdxl_train_network.py", "networks.lora"),
+    "flux": Trainer("flux_train_network.py", "networks.lora_flux", ("ae", "clip_l", "t5xxl", "t5xxl_max_token_length")),
+}
+TRAIN_SCRIPT = REPO / TRAINERS["sdxl"].script  # kept for callers that predate the table
 
 
 class TrainingError(UserError):
@@ -37,6 +54,14 @@ class TrainingSettings:
     learning_rate: float = 1e-4
     network_dim: int = 8
     seed: int = 0
+    backend: str = "sdxl"
+    model_files: tuple[tuple[str, object], ...] = ()  # e.g. (("ae", "/m/ae.safetensors"),) for FLUX single files
+
+
+def trainer_for(backend: str) -> Trainer:
+    if backend not in TRAINERS:
+        raise UserError(f"no LoRA trainer for backend '{backend}'; expected one of {', '.join(TRAINERS)}")
+    return TRAINERS[backend]
 
 
 def _toml_value(v) -> str:
@@ -63,8 +88,10 @@ def write_training_inputs(work_dir: Path, sources: list[tuple[str, str]], settin
         f"bucket_reso_steps = {SIZE_STEP}\n\n[[datasets]]\nresolution = {settings.resolution}\nbatch_size = 1\n\n"
         f"  [[datasets.subsets]]\n  image_dir = {_toml_value(str(images))}\n  num_repeats = 1\n",
         encoding="utf-8")
-    values = dict(pretrained_model_name_or_path=settings.model, dataset_config=str(dataset),
-                  output_dir=str(work_dir), output_name=LORA_NAME, network_module="networks.lora",
+    trainer = trainer_for(settings.backend)
+    files = {k: v for k, v in settings.model_files if k in trainer.model_files and v is not None}
+    values = dict(pretrained_model_name_or_path=settings.model, **files, dataset_config=str(dataset),
+                  output_dir=str(work_dir), output_name=LORA_NAME, network_module=trainer.network_module,
                   network_dim=settings.network_dim, network_alpha=float(settings.network_dim),
                   learning_rate=settings.learning_rate, max_train_steps=settings.steps, seed=settings.seed,
                   optimizer_type="AdamW", save_model_as="safetensors")
@@ -93,7 +120,7 @@ def train_lora(work_dir: Path, sources: list[tuple[str, str]], settings: Trainin
             pass
     done.unlink(missing_ok=True)
     run = write_training_inputs(work_dir, sources, settings)
-    cmd = [sys.executable, str(TRAIN_SCRIPT), "--config_file", str(run)]
+    cmd = [sys.executable, str(REPO / trainer_for(settings.backend).script), "--config_file", str(run)]
     logger.info("training a LoRA for %d step(s): %s", settings.steps, " ".join(cmd))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
@@ -101,7 +128,5 @@ def train_lora(work_dir: Path, sources: list[tuple[str, str]], settings: Trainin
     if proc.returncode != 0 or not lora.is_file():
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         raise TrainingError(f"LoRA training failed (exit {proc.returncode}); config {run}:\n{tail}")
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"fingerprint": key}), encoding="utf-8")
-    os.replace(tmp, done)
+    write_text_atomic(done, json.dumps({"fingerprint": key}), newline=None)
     return str(lora)

@@ -47,7 +47,8 @@ class TrainingEvaluator:
             return None
         out = os.path.join(self.root, name)
         shutil.rmtree(out, ignore_errors=True)
-        sample_during_training(self.s, step, out_dir=out, multiplier=multiplier, log_images=False)
+        # the LoRA's images go to TensorBoard as the sample grid of this step; the baseline's do not
+        sample_during_training(self.s, step, out_dir=out, multiplier=multiplier, log_images=multiplier is None)
         return evaluate_folders(out, self.real_dir, self.dino, self.clip,
                                 rare_token=self.s.cfg.validation.eval_rare_token)
 

@@ -153,11 +153,18 @@ class FluxFamily(ModelFamily):
             hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
         return {"t5": hidden, "t5_mask": mask.to(hidden.dtype), "pooled": pooled}
 
-    def encode_images(self, models: dict[str, Any], images: torch.Tensor, sample: bool = True) -> torch.Tensor:
-        """Pixels in [-1, 1] -> FLUX latents: (z - shift) * scale."""
+    def encode_images(self, models: dict[str, Any], images: torch.Tensor, generators: Any = None,
+                      sample: bool = True) -> torch.Tensor:
+        """Pixels in [-1, 1] -> FLUX latents: (z - shift) * scale. With per-sample `generators` the posterior
+        sample does not depend on how a batch is split across processes."""
         ae = models["vae"]
         dist = ae.encode(images.to(ae.device, ae.dtype)).latent_dist
-        z = dist.sample() if sample else dist.mode()
+        if not sample:
+            z = dist.mode()
+        elif generators is not None:
+            z = dist.mean + dist.std * noise_lib.randn(tuple(dist.mean.shape), generators).to(dist.mean)
+        else:
+            z = dist.sample()
         return (z - ae.config.shift_factor) * ae.config.scaling_factor
 
     # --- noise and prediction -----------------------------------------------------------------------------------
