@@ -17,7 +17,7 @@ test: install
 	$(BIN)/python -m pytest -x -q tests
 
 demo: install
-	$(BIN)/python demo.py
+	$(BIN)/python -m library.demo --output_dir demo_output
 
 clean:
 	rm -rf $(VENV)

@@ -166,3 +166,22 @@ def test_backend_option_errors(tmp_path, sdxl_controlnets, tiny_flux):
         with pytest.raises(UserError, match=match):
             pipeline.run(options(tmp_path, "unused.safetensors", inputs, **bad))
     assert not (tmp_path / "out").exists()
+
+
+def test_generation_cost_bench_smoke(tmp_path):
+    """bench/bench_generation_cost.py in-process at 64 px, 2 steps, 1 image: the report is complete (no timing
+    assertions: the machine is shared)."""
+    import importlib.util
+    import json
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_generation_cost", REPO / "bench" / "bench_generation_cost.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "cost.json"
+    assert bench.main(["--resolution", "64", "--steps", "2", "--images", "1", "--warmup", "0", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["variants"]) == {"plain", "lllite", "controlnet"}
+    assert report["variants"]["plain"]["ratio_to_plain"] == 1.0
+    assert all(v["seconds_per_image"] > 0 and len(v["times"]) == 1 for v in report["variants"].values())
