@@ -65,7 +65,7 @@ sample_every_n_steps = {half}
 sample_sampler = "euler_a"
 """
 
-PROMPTS = "a {{red|blue|green}} {{square|circle}} on the {{left|right}} --w 128 --h 128 --s 8 --d {seed} --l 5\n"
+PROMPTS = "a {{red|blue|green}} {{square|circle}} on the {{left|right}} --w 128 --h 128 --s {steps} --d {seed} --l 5\n"
 
 
 def run(cmd: list[str]) -> None:
@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output_dir", default="demo_output")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--num_images", type=int, default=12)
+    p.add_argument("--gen_steps", type=int, default=8, help="denoising steps of the generated images")
+    p.add_argument("--images_per_prompt", type=int, default=4)
     args = p.parse_args(argv)
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     run([py, "tools/dataset_info.py", "--dataset_config", str(dataset_config)])
 
     prompts = out / "sample_prompts.txt"
-    prompts.write_text(PROMPTS.format(seed=1))
+    prompts.write_text(PROMPTS.format(seed=1, steps=args.gen_steps))
     run_config = out / "run.toml"
     run_config.write_text(RUN_TOML.format(model=model.as_posix(), dataset_config=dataset_config.as_posix(),
                                           output_dir=(out / "lora").as_posix(), steps=args.steps,
@@ -112,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     gen_prompts.write_text("a {red|blue|green} {square|circle} on the {left|right} --n blurry\n")
     for name, mul in (("base", "0"), ("with_lora", "1")):
         run([py, "sdxl_gen_img.py", "--ckpt", str(model), "--from_file", str(gen_prompts), "--outdir",
-             str(out / "generated" / name), "--images_per_prompt", "4", "--W", "128", "--H", "128", "--steps", "8",
+             str(out / "generated" / name), "--images_per_prompt", str(args.images_per_prompt), "--W", "128", "--H",
+             "128", "--steps", str(args.gen_steps),
              "--scale", "5", "--sampler", "euler_a", "--seed", "7", "--network_module", "networks.lora",
              "--network_weights", str(lora), "--network_mul", mul])
 
