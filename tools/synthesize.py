@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_error=args.on_error, seed=args.seed, prompt_template=args.prompt_template, device=args.device,
         precision=args.precision, tokenizer_cache_dir=args.tokenizer_cache_dir, backend=args.backend, ae=args.ae,
         clip_l=args.clip_l, t5xxl=args.t5xxl, t5xxl_max_token_length=args.t5xxl_max_token_length,
-        control_net_model=args.control_net_model, control_net_types=parse_control_types(args.control_net_types),
+        control_net_model=args.control_net_model, control_net_types=parse_control_types(args.control_net_types, "--control_net_types"),
         control_net_weight=args.control_net_weight, yolo_labels=args.yolo_labels)
     s = run(options)
     skipped = f", {len(s.skipped_records)} bad record(s) skipped" if s.skipped_records else ""

@@ -26,13 +26,13 @@ class ConditionMaker(Protocol):
     def __call__(self, image: Image.Image) -> Image.Image: ...
 
 
-def parse_control_types(text: str | None) -> list[str]:
+def parse_control_types(text: str | None, flag: str = "--controlnet_types") -> list[str]:
     if not text:
         return []
     names = [t.strip().lower() for t in text.split(",") if t.strip()]
     for n in names:
         if n not in CONTROL_TYPES:
-            raise UserError(f"--controlnet_types: unknown type '{n}'; expected a comma list of "
+            raise UserError(f"{flag}: unknown type '{n}'; expected a comma list of "
                             f"{', '.join(CONTROL_TYPES)}")
     return list(dict.fromkeys(names))
 
