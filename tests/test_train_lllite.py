@@ -125,9 +125,12 @@ batch_size = 4
 def test_low_memory_flags(tmp_path, tiny_sdxl_file, shapes_dataset):
     """The low-memory set of the LoRA script works for LLLite too: gradient checkpointing, cached latents and
     text-encoder outputs (on disk), bf16 with bf16 trainable weights, 8-bit AdamW."""
+    prompts = tmp_path / "prompts.txt"  # sampling must bring back the VAE and text encoders parked after caching
+    prompts.write_text(f"a red square --w 64 --h 64 --s 2 --d 3 --cn {shapes_dataset['cond_dir']}/img_0000.png\n")
     cfg = run_toml(tmp_path, tiny_sdxl_file, shapes_dataset["cn_config"], max_train_steps=2, gradient_checkpointing=True,
                    cache_latents_to_disk=True, cache_text_encoder_outputs_to_disk=True, mixed_precision="bf16",
-                   full_bf16=True, optimizer_type="AdamW8bit", save_precision="fp16", **LLLITE)
+                   full_bf16=True, optimizer_type="AdamW8bit", save_precision="fp16", sample_prompts=str(prompts),
+                   sample_every_n_steps=1, sample_sampler="euler", **LLLITE)
     r = run_script("sdxl_train_control_net_lllite.py", "--config_file", cfg)
     assert r.returncode == 0, r.stderr[-3000:]
     sd = load_file(str(tmp_path / "out" / "lora.safetensors"))
@@ -137,3 +140,4 @@ def test_low_memory_flags(tmp_path, tiny_sdxl_file, shapes_dataset):
     assert list((tmp_path / "out" / "te_cache").glob("*.safetensors"))
     losses = read_losses(tmp_path / "run_loss.jsonl")
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert len(list((tmp_path / "out" / "sample").glob("*.png"))) == 2

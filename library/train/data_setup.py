@@ -81,4 +81,6 @@ def setup_caches(cfg: RunConfig, family: ModelFamily, models: dict[str, Any], da
                      shard=(accelerator.process_index, accelerator.num_processes))
         accelerator.wait_for_everyone()
     cache.ensure(captions, encode_text, batch_size=max(1, c.vae_batch_size), progress=accelerator.is_local_main_process)
+    for te in models.get("text_encoders") or []:
+        te.to("cpu")  # only sampling needs them from now on; it brings them back for the time it runs
     return cache

@@ -48,6 +48,31 @@ class Session:
     batches_per_epoch: int
 
 
+def prepare_base_models(cfg: RunConfig, family: ModelFamily, models: dict[str, Any], device: torch.device,
+                        weight_dtype: torch.dtype) -> None:
+    """Freeze the base models, put them on the device in the weight dtype (the VAE in fp32 with --no_half_vae), and
+    set up attention and gradient checkpointing."""
+    denoiser = models[family.denoiser_key]
+    for module in [denoiser, models["vae"], *(models.get("text_encoders") or [])]:
+        module.requires_grad_(False)
+        module.eval()
+    vae_dtype = torch.float32 if cfg.model.no_half_vae else weight_dtype
+    for module, dtype in [(models["vae"], vae_dtype), (denoiser, weight_dtype)] + \
+            [(te, weight_dtype) for te in models.get("text_encoders") or []]:
+        module.to(device)
+        if dtype != torch.float32:
+            module.to(dtype)
+    if cfg.training.xformers:
+        try:
+            denoiser.enable_xformers_memory_efficient_attention()
+        except Exception as e:  # not installed, or no CUDA build
+            raise UserError(f"--xformers: cannot enable xformers attention ({e}); install the xformers extra or "
+                            "drop the flag (PyTorch SDPA is the default)") from None
+    if cfg.training.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+        denoiser.train()  # diffusers only checkpoints in train mode
+
+
 def build_session(cfg: RunConfig) -> Session:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -69,31 +94,8 @@ def build_session(cfg: RunConfig) -> Session:
     weight_dtype = DTYPES[cfg.training.mixed_precision]
 
     models = family.load_models(cfg.model, weight_dtype)
-    denoiser = models[family.denoiser_key]
-    for key in (family.denoiser_key, "vae"):
-        models[key].requires_grad_(False)
-    for te in models.get("text_encoders") or []:
-        te.requires_grad_(False)
-        te.eval()
-    models["vae"].eval()
+    prepare_base_models(cfg, family, models, accelerator.device, weight_dtype)
     device = accelerator.device
-    vae_dtype = torch.float32 if cfg.model.no_half_vae else weight_dtype
-    for module, dtype in [(models["vae"], vae_dtype), (denoiser, weight_dtype)] + \
-            [(te, weight_dtype) for te in models.get("text_encoders") or []]:
-        module.to(device)
-        if dtype != torch.float32:
-            module.to(dtype)
-    if cfg.training.xformers:
-        try:
-            denoiser.enable_xformers_memory_efficient_attention()
-        except Exception as e:  # not installed, or no CUDA build
-            raise UserError(f"--xformers: cannot enable xformers attention ({e}); install the xformers extra or "
-                            "drop the flag (PyTorch SDPA is the default)") from None
-    if cfg.training.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
-        denoiser.train()  # diffusers only checkpoints in train mode
-    else:
-        denoiser.eval()
 
     network = build_network(cfg.network_kind, models, cfg, family.denoiser_key)
     if network.trains_text_encoder:

@@ -49,8 +49,11 @@ def sample_during_training(session: Any, step: int, out_dir: str | None = None, 
     was_training = denoiser.training, net.training
     denoiser.eval()
     net.eval()
-    vae_device = next(session.models["vae"].parameters()).device
-    session.models["vae"].to(session.accelerator.device)
+    # the VAE and text encoders may have been moved off the device after caching: bring them back while sampling
+    parked = [m for m in [session.models["vae"], *(session.models.get("text_encoders") or [])]
+              if next(m.parameters()).device != session.accelerator.device]
+    for m in parked:
+        m.to(session.accelerator.device)
     rng_state = torch.get_rng_state()
     try:
         with torch.no_grad(), session.accelerator.autocast():
@@ -61,7 +64,8 @@ def sample_during_training(session: Any, step: int, out_dir: str | None = None, 
         if multiplier is not None:
             net.set_multiplier(1.0)
         torch.set_rng_state(rng_state)
-        session.models["vae"].to(vae_device)
+        for m in parked:
+            m.to("cpu")
         denoiser.train(was_training[0])
         net.train(was_training[1])
     paths = []
