@@ -120,3 +120,15 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, trainer,
                        "--max_train_steps", "4")
         assert r.returncode == 1 and "Traceback" not in r.stderr
         assert "2 process(es)" in r.stderr and "same number of processes" in r.stderr
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+                    reason="torchrun not installed")
+def test_repeated_two_process_runs_exit_cleanly(tmp_path, tiny_sdxl_file):
+    """No flaky abort or hang at exit: five 2-process runs in a row all exit 0 (the process group is destroyed)."""
+    ds = _dataset(tmp_path, 2)
+    for i in range(5):
+        cfg = _sdxl_run(tmp_path, tiny_sdxl_file, ds, f"rep{i}", max_train_steps=1)
+        r = _torchrun(tmp_path, "sdxl_train_network.py", cfg, 29541 + i)
+        assert r.returncode == 0, (i, r.stderr[-3000:])
+        assert "Traceback" not in r.stderr

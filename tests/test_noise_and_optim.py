@@ -122,3 +122,21 @@ def test_unknown_scheduler_is_clear():
     opt = build_optimizer(_params(), OptimizerConfig())
     with pytest.raises(UserError, match="unknown --lr_scheduler"):
         build_scheduler(opt, OptimizerConfig(lr_scheduler="cosine_annealing"), 10)
+
+
+def test_non_finite_loss_stops_training_before_the_step(tmp_path, tiny_sdxl_file, shapes_dataset, monkeypatch):
+    import sdxl_train_network
+    from library.train import loop
+    from test_train_sdxl_network import run_toml
+
+    original = loop.Trainer._loss
+
+    def nan_on_second(self, batch, micro, first):
+        loss = original(self, batch, micro, first)
+        return loss * float("nan") if self.state.global_step == 1 else loss
+
+    monkeypatch.setattr(loop.Trainer, "_loss", nan_on_second)
+    cfg = run_toml(tmp_path, tiny_sdxl_file, shapes_dataset["config"], max_train_steps=3, network_train_unet_only=True)
+    with pytest.raises(UserError, match="the loss is nan at step 2"):
+        sdxl_train_network.main(["--config_file", cfg])
+    assert not (tmp_path / "out" / "lora.safetensors").exists()  # nothing corrupted was saved

@@ -73,8 +73,11 @@ def add_flux_args(p: argparse.ArgumentParser) -> None:
                    help="how the model output is turned into the prediction compared with noise - latents")
     g.add_argument("--guidance_scale", type=float, default=3.5,
                    help="distilled guidance fed to guidance-distilled models (FLUX.1 dev) while training")
-    g.add_argument("--fp8_base", action="store_true", help="store the base transformer in fp8 (CUDA only)")
-    g.add_argument("--blocks_to_swap", type=int, default=None, help="swap this many blocks to CPU (CUDA only)")
+    g.add_argument("--fp8_base", action="store_true",
+                   help="store the transformer's block Linears in fp8 and upcast them per layer (halves their memory)")
+    g.add_argument("--blocks_to_swap", type=int, default=None,
+                   help="keep this many transformer blocks on the CPU, moving each to the GPU while it runs (CUDA "
+                        "only; needs --gradient_checkpointing)")
     g.add_argument("--kontext", action="store_true",
                    help="paired training: the dataset's conditioning image is appended as extra image tokens")
     g.add_argument("--kontext_degrade", type=str, default=None,

@@ -75,8 +75,11 @@ def add_flux_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer_cache_dir", default=None, help="folder with tokenizer/ and tokenizer_2/")
     g.add_argument("--fp16", action="store_true", help="run the models in float16")
     g.add_argument("--bf16", action="store_true", help="run the models in bfloat16")
-    g.add_argument("--fp8_base", action="store_true", help="fp8 transformer (CUDA only; not supported yet)")
-    g.add_argument("--blocks_to_swap", type=int, default=None, help="swap blocks to CPU (CUDA only; not supported yet)")
+    g.add_argument("--fp8_base", action="store_true",
+                   help="store the transformer's block Linears in fp8 and upcast per layer (halves their memory)")
+    g.add_argument("--blocks_to_swap", type=int, default=None,
+                   help="keep this many transformer blocks on the CPU, moving each to the GPU while it runs "
+                        "(CUDA only)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
@@ -131,12 +134,17 @@ def flux_config_from_args(args: argparse.Namespace) -> FluxGenerationConfig:
 # ----------------------------------------------------------------------------------------------------- planning
 
 
-def check_flux_device_flags(options: FluxOptions) -> None:
-    for flag, on in (("--fp8_base", options.fp8_base), ("--blocks_to_swap", bool(options.blocks_to_swap))):
-        if on and not torch.cuda.is_available():
-            raise UserError(f"{flag} needs a CUDA GPU, and none is available: drop the flag to generate on the CPU")
-        if on:
-            raise UserError(f"{flag} is not supported by flux_gen_img.py yet: drop the flag (or use --bf16)")
+def check_flux_device_flags(options: FluxOptions, device: torch.device | None = None) -> None:
+    """--fp8_base works on any device; --blocks_to_swap only makes sense (and is only allowed) on a CUDA GPU."""
+    if options.blocks_to_swap is not None and options.blocks_to_swap < 0:
+        raise UserError(f"--blocks_to_swap must be a positive number of blocks, got {options.blocks_to_swap}")
+    if not options.blocks_to_swap:
+        return
+    if not torch.cuda.is_available():
+        raise UserError("--blocks_to_swap needs a CUDA GPU (it keeps blocks on the CPU and moves each to the GPU while "
+                        "it runs), and none is available: drop the flag to generate on the CPU")
+    if device is not None and device.type != "cuda":
+        raise UserError(f"--blocks_to_swap swaps blocks between the CPU and a CUDA GPU, but --device is {device}")
 
 
 def _rounded_size(path: str) -> tuple[int, int]:
@@ -219,7 +227,14 @@ class FluxGenerator:
         # AttachedNetworks speaks SDXL's names: the transformer is the "unet", CLIP-L and T5 the two encoders
         view = SimpleNamespace(vae=models.ae, unet=models.transformer, text_encoder1=models.clip_l,
                                text_encoder2=models.t5)
+        # fp8 layers must exist before networks hook in (LoRA keeps the layer's forward), but merging needs the
+        # full-precision weights: merge first, then fp8
+        merge_first = config.common.network_merge
+        if not merge_first:
+            self._apply_low_vram()
         self.networks = AttachedNetworks(view, config.common, device, self.dtype)
+        if merge_first:
+            self._apply_low_vram()
         self.family_models = {"vae": models.ae, "transformer": models.transformer,
                               "text_encoders": [models.clip_l, models.t5],
                               "tokenizers": [models.tokenizer_clip, models.tokenizer_t5]}
@@ -230,6 +245,15 @@ class FluxGenerator:
         guidance = bool(models.transformer.config.guidance_embeds)
         self.max_length = config.flux.t5xxl_max_token_length or (512 if guidance else 256)
         self.run_stamp = time.strftime("%Y%m%d%H%M%S")
+
+    def _apply_low_vram(self) -> None:
+        from library.config.flux_config import FluxConfig
+        from library.train.flux_family import apply_low_vram
+
+        options = self.config.flux
+        check_flux_device_flags(options, self.device)
+        fcfg = FluxConfig(fp8_base=options.fp8_base, blocks_to_swap=options.blocks_to_swap)
+        self.block_swapper = apply_low_vram(self.models.transformer, fcfg, self.device)
 
     def pipe(self, kontext: bool) -> Any:
         if kontext not in self.pipes:

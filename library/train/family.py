@@ -65,6 +65,10 @@ class ModelFamily(ABC):
         """Per-sample loss weights (e.g. min-SNR); None for uniform."""
         return None
 
+    def after_base_models_prepared(self, models: dict[str, Any], cfg: Any, device: torch.device) -> None:
+        """Called once the frozen base models have their device and weight dtype, before any network is attached:
+        the place for storage tricks that a later `.to(dtype)` would undo (fp8 weights, block swapping)."""
+
     @abstractmethod
     def sample_images(self, models: dict[str, Any], prompts: list[Any], sampler: str,
                       before_generate: Callable[[Any], None] | None = None) -> list[Any]:

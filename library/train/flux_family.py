@@ -92,14 +92,38 @@ def sample_sigmas(batch: int, generators: Any, fcfg: FluxConfig, image_seq_len: 
 
 
 def check_device_flags(fcfg: FluxConfig) -> None:
-    """--fp8_base / --blocks_to_swap: say so instead of silently training without them."""
-    for flag, on in (("--fp8_base", fcfg.fp8_base), ("--blocks_to_swap", bool(fcfg.blocks_to_swap))):
-        if not on:
-            continue
-        if not torch.cuda.is_available():
-            raise UserError(f"{flag} needs a CUDA GPU, and none is available: drop the flag to train on the CPU")
-        raise UserError(f"{flag} is not supported by this trainer yet: drop the flag (or use --mixed_precision bf16 "
-                        "and --gradient_checkpointing to save memory)")
+    """--blocks_to_swap moves blocks between the CPU and a GPU: refuse it up front where there is no GPU. (--fp8_base
+    works anywhere: fp8 storage with an upcast per layer is plain torch.)"""
+    if fcfg.blocks_to_swap is not None and fcfg.blocks_to_swap < 0:
+        raise UserError(f"--blocks_to_swap must be a positive number of blocks, got {fcfg.blocks_to_swap}")
+    if fcfg.blocks_to_swap and not torch.cuda.is_available():
+        raise UserError("--blocks_to_swap needs a CUDA GPU (it keeps blocks on the CPU and moves each to the GPU "
+                        "while it runs), and none is available: drop the flag to train on the CPU")
+    if (fcfg.fp8_base or fcfg.blocks_to_swap) and torch.cuda.is_available():
+        logger.warning("--fp8_base / --blocks_to_swap are experimental on CUDA: a test run gave NaN losses from the "
+                       "second step (see docs/flux.md); training stops with an error if the loss is not finite")
+
+
+def apply_low_vram(transformer: torch.nn.Module, fcfg: FluxConfig, device: torch.device,
+                   gradient_checkpointing: bool | None = None) -> Any:
+    """--fp8_base, then --blocks_to_swap, on a transformer that already has its device and compute dtype; returns
+    the BlockSwapper (or None). `gradient_checkpointing` is None for inference and a bool in training, where
+    swapping needs it (the backward re-runs each swapped block's forward, which brings the block back)."""
+    from library.models.lowvram import BlockSwapper, apply_fp8_linear
+
+    if fcfg.fp8_base:
+        dtype = next(transformer.parameters()).dtype
+        n = apply_fp8_linear(transformer, dtype)
+        logger.info("--fp8_base: %d transformer Linears stored in float8_e4m3fn, computed in %s", n, dtype)
+    if not fcfg.blocks_to_swap:
+        return None
+    if gradient_checkpointing is False:
+        raise UserError("--blocks_to_swap in training needs --gradient_checkpointing: the backward pass re-runs each "
+                        "swapped block's forward to bring it back to the GPU")
+    swapper = BlockSwapper.attach(transformer, fcfg.blocks_to_swap, device)
+    logger.info("--blocks_to_swap: %d of %d blocks kept on the CPU", len(swapper.blocks),
+                len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks))
+    return swapper
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -128,6 +152,11 @@ class FluxFamily(ModelFamily):
         t5_len = fcfg.t5xxl_max_token_length or (512 if guidance else 256)
         return {"transformer": m.transformer, "vae": m.ae, "text_encoders": [m.clip_l, m.t5],
                 "tokenizers": [m.tokenizer_clip, m.tokenizer_t5], "flux_cfg": fcfg, "t5_max_length": t5_len}
+
+    def after_base_models_prepared(self, models: dict[str, Any], cfg: Any, device: torch.device) -> None:
+        fcfg = models.get("flux_cfg") or self.flux_cfg
+        models["block_swapper"] = apply_low_vram(models["transformer"], fcfg, device,
+                                                 bool(cfg.training.gradient_checkpointing))
 
     def model_identity(self, models: dict[str, Any], part: str) -> str:
         if part == "vae":

@@ -71,6 +71,7 @@ def prepare_base_models(cfg: RunConfig, family: ModelFamily, models: dict[str, A
     if cfg.training.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
         denoiser.train()  # diffusers only checkpoints in train mode
+    family.after_base_models_prepared(models, cfg, device)
 
 
 def build_session(cfg: RunConfig) -> Session:
@@ -182,6 +183,12 @@ class Trainer:
         params = [p for g in s.optimizer.param_groups for p in g["params"]]
         if local:
             loss = self._loss(self._load(pb, local), micro, first)
+            if not torch.isfinite(loss.detach()).all():
+                # never step on (or save) a NaN: the network would be corrupted silently
+                raise UserError(f"the loss is {loss.item()} at step {self.state.global_step + 1} (epoch "
+                                f"{self.state.epoch + 1}): training stopped before the optimizer step. Lower the "
+                                "learning rate, use fp32/bf16 instead of fp16, or drop experimental low-VRAM flags; "
+                                "resume from the last --save_state folder")
         else:  # fewer samples than processes: this one contributes zero gradient
             loss = sum(p.sum() for p in params) * 0.0
         # weight so that the average over processes is the mean over the global batch
