@@ -18,7 +18,7 @@ import argparse
 import os
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 if __package__ in (None, ""):  # run as a script: make `library` importable from the repo root
@@ -120,22 +120,19 @@ class FolderReport:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (input path, reason)
 
 
-def process_folder(
-    input_dir: str,
-    output_dir: str,
-    thresholds: tuple[int, int] | None,
-    seed: int | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> FolderReport:
-    """One edge map per image of `input_dir` (not recursive). `thresholds` None means random per image."""
+def convert_folder(input_dir: str, output_dir: str, convert: Callable[[str, np.ndarray], np.ndarray],
+                   write: Callable[[str, np.ndarray], None], desc: str, overwrite: bool = False,
+                   progress: bool = True) -> FolderReport:
+    """The folder loop every conditioning tool shares: one PNG per readable image of `input_dir` (not recursive),
+    same basename, existing outputs skipped, name clashes and unreadable or unwritable files reported, not fatal.
+    `convert(name, bgr)` makes the map; `write(path, map)` stores it."""
     from tqdm import tqdm
 
     names = sorted(n for n in os.listdir(input_dir) if n.lower().endswith(IMAGE_EXTENSIONS))
     os.makedirs(output_dir, exist_ok=True)
     report = FolderReport()
     claimed: dict[str, str] = {}
-    for name in tqdm(names, desc="canny", unit="img", disable=not progress):
+    for name in tqdm(names, desc=desc, unit="img", disable=not progress):
         src = os.path.join(input_dir, name)
         out_name = os.path.splitext(name)[0] + ".png"
         if out_name in claimed:
@@ -150,14 +147,30 @@ def process_folder(
         if img is None:
             report.failed.append((src, "cannot read image"))
             continue
-        t1, t2 = thresholds if thresholds is not None else random_thresholds(seed, name)
         try:
-            write_png(dst, canny_image(img, t1, t2, channel_order="bgr"))
+            write(dst, convert(name, img))
         except OSError as err:
             report.failed.append((src, f"cannot write {dst}: {err}"))
             continue
         report.written.append(dst)
     return report
+
+
+def process_folder(
+    input_dir: str,
+    output_dir: str,
+    thresholds: tuple[int, int] | None,
+    seed: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> FolderReport:
+    """One edge map per image of `input_dir` (not recursive). `thresholds` None means random per image."""
+
+    def convert(name: str, bgr: np.ndarray) -> np.ndarray:
+        t1, t2 = thresholds if thresholds is not None else random_thresholds(seed, name)
+        return canny_image(bgr, t1, t2, channel_order="bgr")
+
+    return convert_folder(input_dir, output_dir, convert, write_png, "canny", overwrite, progress)
 
 
 def setup_parser() -> argparse.ArgumentParser:

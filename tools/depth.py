@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make `library` importable from
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from library.cli import run_main  # noqa: E402
-from tools.canny import IMAGE_EXTENSIONS, FolderReport, read_bgr  # noqa: E402
+from tools.canny import FolderReport, convert_folder  # noqa: E402
 
 
 def process_folder(input_dir: str, output_dir: str, estimate: Callable, overwrite: bool = False,
@@ -29,37 +29,14 @@ def process_folder(input_dir: str, output_dir: str, estimate: Callable, overwrit
     """One depth map per image of `input_dir`; `estimate` maps an RGB PIL image to the map (a DepthEstimator)."""
     import cv2
     from PIL import Image
-    from tqdm import tqdm
 
     from library.synth.conditioning import save_png_atomic
 
-    names = sorted(n for n in os.listdir(input_dir) if n.lower().endswith(IMAGE_EXTENSIONS))
-    os.makedirs(output_dir, exist_ok=True)
-    report = FolderReport()
-    claimed: dict[str, str] = {}
-    for name in tqdm(names, desc="depth", unit="img", disable=not progress):
-        src = os.path.join(input_dir, name)
-        out_name = os.path.splitext(name)[0] + ".png"
-        if out_name in claimed:
-            report.failed.append((src, f"output {out_name} is already made from {claimed[out_name]}"))
-            continue
-        claimed[out_name] = name
-        dst = os.path.join(output_dir, out_name)
-        if os.path.exists(dst) and not overwrite:
-            report.skipped.append(src)
-            continue
-        bgr = read_bgr(src)
-        if bgr is None:
-            report.failed.append((src, "cannot read image"))
-            continue
-        depth = estimate(Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
-        try:
-            save_png_atomic(depth, dst)
-        except OSError as err:
-            report.failed.append((src, f"cannot write {dst}: {err}"))
-            continue
-        report.written.append(dst)
-    return report
+    def convert(name: str, bgr):
+        return estimate(Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
+
+    return convert_folder(input_dir, output_dir, convert, lambda path, depth: save_png_atomic(depth, path), "depth",
+                          overwrite, progress)
 
 
 def setup_parser() -> argparse.ArgumentParser:

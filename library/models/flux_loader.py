@@ -23,6 +23,7 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
 from library.errors import ModelLoadError
+from library.models.file_metadata import json_config_from_metadata
 from library.models import flux_keys, sdxl_keys
 from library.models.sdxl_loader import _read_single_file, infer_text_config
 from library.models.tokenizers import find_tokenizer_folder, shipped_clip_tokenizer
@@ -54,15 +55,6 @@ def _format_keys(keys: list[str]) -> str:
     return shown + (f", ... ({len(keys) - MAX_KEYS_IN_MESSAGE} more)" if len(keys) > MAX_KEYS_IN_MESSAGE else "")
 
 
-def _metadata_config(path: str, metadata: Mapping[str, str]) -> dict[str, Any]:
-    raw = metadata.get(CONFIG_METADATA_KEY)
-    if not raw:
-        return {}
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{path}: metadata '{CONFIG_METADATA_KEY}' is not valid JSON: {exc}") from None
-    return value if isinstance(value, dict) else {}
 
 
 def _read(path: str | None, what: str, flag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -71,7 +63,7 @@ def _read(path: str | None, what: str, flag: str) -> tuple[dict[str, torch.Tenso
     if not os.path.isfile(path):
         raise ModelLoadError(f"{path}: no such file ({flag}, the {what})")
     tensors, metadata = _read_single_file(path, allow_pickle=False)
-    return tensors, _metadata_config(path, metadata)
+    return tensors, json_config_from_metadata(path, metadata, CONFIG_METADATA_KEY)
 
 
 def default_axes_dims(head_dim: int) -> tuple[int, int, int]:

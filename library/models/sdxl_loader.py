@@ -19,6 +19,7 @@ from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from library.errors import ModelLoadError
+from library.models.file_metadata import json_config_from_metadata
 from library.fileio import save_safetensors_atomic
 from library.models import sdxl_keys
 from library.models.tokenizers import load_sdxl_tokenizers
@@ -211,15 +212,6 @@ def _load_into(models: dict[str, torch.nn.Module], parts: dict[str, dict[str, to
         model.eval()
 
 
-def _metadata_configs(path: str, metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
-    raw = metadata.get(CONFIG_METADATA_KEY)
-    if not raw:
-        return {}
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{path}: metadata '{CONFIG_METADATA_KEY}' is not valid JSON: {exc}") from exc
-    return value if isinstance(value, dict) else {}
 
 
 def load_sdxl_single_file(
@@ -231,7 +223,7 @@ def load_sdxl_single_file(
     _check_family(path, file_keys)
     unknown: list[str] = []
     parts = sdxl_keys.sgm_to_diffusers_state_dicts(tensors, unknown)
-    meta = _metadata_configs(path, metadata)
+    meta = json_config_from_metadata(path, metadata, CONFIG_METADATA_KEY)
     try:
         te2_config = infer_text_config(parts["te2"], "te2", meta.get("te2", {}))
         configs = {
