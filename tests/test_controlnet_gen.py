@@ -144,6 +144,19 @@ def test_sdxl_controlnet_changes_image_follows_guide_and_ratio(tmp_path, tiny_sd
     assert max_diff(via_cn, with_b) == 0  # a prompt's --cn replaces the guide image
 
 
+def test_sdxl_controlnet_with_zero_convolutions_leaves_image_unchanged(tmp_path, tiny_sdxl_file, sdxl_models, guides):
+    """A ControlNet made from the U-Net keeps diffusers' zero-initialised output convolutions: it adds nothing, so
+    the image is exactly the one without it (the perturbed one above changes it)."""
+    from diffusers import ControlNetModel
+
+    cn = ControlNetModel.from_unet(sdxl_models.unet, conditioning_embedding_out_channels=(8, 16, 16, 16))
+    cn.save_pretrained(tmp_path / "zero_cn")
+    base = sdxl(tiny_sdxl_file, tmp_path / "base", loaded=sdxl_models)
+    zero = sdxl(tiny_sdxl_file, tmp_path / "zero", loaded=sdxl_models,
+                controlnets=[ControlNetSpec(str(tmp_path / "zero_cn"), (guides[0],))])
+    assert max_diff(base, zero) == 0
+
+
 def test_sdxl_controlnet_combines_with_lllite(tmp_path, tiny_sdxl_file, sdxl_models, sdxl_controlnets, guides):
     from library.models.tiny import build_tiny_sdxl
     from networks.control_net_lllite import create_network
