@@ -310,3 +310,27 @@ def save_sdxl_single_file(models: SDXLModels, path: str, metadata: dict[str, str
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta[CONFIG_METADATA_KEY] = config_metadata(models)
     save_safetensors_atomic(sd, path, meta)
+
+
+def load_sdxl_vae(path: str, dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> AutoencoderKL:
+    """`--vae`: a diffusers AutoencoderKL folder, or a single file with the VAE in the LDM layout (as published,
+    e.g. sdxl_vae.safetensors; a `first_stage_model.` prefix is accepted) or in diffusers names."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelLoadError(f"--vae {path}: a folder must be a diffusers AutoencoderKL folder (config.json missing)")
+        return AutoencoderKL.from_pretrained(path, torch_dtype=dtype)
+    tensors, _ = _read_single_file(path, allow_pickle)
+    tensors = {k[len(sdxl_keys.VAE_PREFIX):] if k.startswith(sdxl_keys.VAE_PREFIX) else k: v for k, v in tensors.items()}
+    if "encoder.conv_in.weight" not in tensors:
+        raise ModelLoadError(f"--vae {path}: not a VAE file (no encoder.conv_in.weight among {len(tensors)} keys)")
+    unknown: list[str] = []
+    diffusers_sd = tensors if "encoder.down_blocks.0.resnets.0.conv1.weight" in tensors else \
+        sdxl_keys.ldm_vae_to_diffusers(tensors, unknown)
+    if unknown:
+        raise ModelLoadError(f"--vae {path}: {len(unknown)} key(s) of no known VAE layout, e.g. {unknown[:3]}")
+    vae = AutoencoderKL(**infer_vae_config(diffusers_sd, {}))
+    missing, unexpected = vae.load_state_dict(diffusers_sd, strict=False)
+    if missing or unexpected:
+        raise ModelLoadError(f"--vae {path}: {len(missing)} missing and {len(unexpected)} unexpected key(s), e.g. "
+                             f"{(missing + unexpected)[:3]}")
+    return vae.to(dtype)

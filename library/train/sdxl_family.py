@@ -27,7 +27,9 @@ class SDXLFamily(ModelFamily):
         models = {"unet": m.unet, "vae": m.vae, "text_encoders": [m.text_encoder1, m.text_encoder2],
                   "tokenizers": [m.tokenizer1, m.tokenizer2], "v_prediction": cfg.v_parameterization}
         if cfg.vae:
-            models["vae"] = load_sdxl_vae(cfg.vae)
+            from library.models.sdxl_loader import load_sdxl_vae
+
+            models["vae"] = load_sdxl_vae(cfg.vae, allow_pickle=cfg.allow_pickle)
         return models
 
     def model_identity(self, models: dict[str, Any], part: str) -> str:
@@ -119,8 +121,3 @@ def size_condition_ids(batch: Any) -> torch.Tensor:
             zip(batch.original_sizes, batch.crop_top_lefts, batch.target_sizes)]
     return torch.tensor(rows, dtype=torch.float32)
 
-
-def load_sdxl_vae(path: str):
-    from library.models.sdxl_loader import load_sdxl_vae as _load
-
-    return _load(path)
