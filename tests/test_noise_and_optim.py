@@ -140,3 +140,12 @@ def test_non_finite_loss_stops_training_before_the_step(tmp_path, tiny_sdxl_file
     with pytest.raises(UserError, match="the loss is nan at step 2"):
         sdxl_train_network.main(["--config_file", cfg])
     assert not (tmp_path / "out" / "lora.safetensors").exists()  # nothing corrupted was saved
+
+
+def test_logging_flag_errors_are_clear(tmp_path, tiny_sdxl_file, shapes_dataset):
+    from conftest import run_script
+    from test_train_sdxl_network import run_toml
+
+    cfg = run_toml(tmp_path, tiny_sdxl_file, shapes_dataset["config"], log_with="tensorboard")
+    r = run_script("sdxl_train_network.py", "--config_file", cfg)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "--logging_dir" in r.stderr

@@ -81,9 +81,14 @@ def build_session(cfg: RunConfig) -> Session:
     from library.train.data_setup import build_datasets, setup_caches
     from library.train.optim import build_optimizer, build_scheduler
 
-    log_with = None
-    if cfg.log.logging_dir:
-        log_with = cfg.log.log_with or "tensorboard"
+    log_with = cfg.log.log_with or ("tensorboard" if cfg.log.logging_dir else None)
+    if log_with in ("tensorboard", "all") and not cfg.log.logging_dir:
+        raise UserError(f"--log_with {log_with} writes TensorBoard logs: give --logging_dir")
+    if log_with in ("wandb", "all"):
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise UserError("--log_with wandb needs the wandb package: pip install wandb (or the [wandb] extra)")
     # without a GPU, cpu=True is what makes accelerate form a gloo group under torchrun (MULTI_CPU)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
@@ -288,7 +293,7 @@ class Trainer:
             self.state = ckpt.load_state(acc, cfg.save.resume, s.batches_per_epoch)
             acc.print(f"resumed from {cfg.save.resume} at step {self.state.global_step}, epoch "
                       f"{self.state.epoch + 1}, batch {self.state.batch_in_epoch}")
-        if acc.is_main_process and cfg.log.logging_dir:
+        if acc.is_main_process and acc.log_with:
             acc.init_trackers(cfg.log.log_prefix or "network_train")
         per_device = max(d.batch_size for d in s.datasets) // acc.num_processes
         accum = cfg.training.gradient_accumulation_steps
@@ -296,8 +301,7 @@ class Trainer:
         acc.print(f"batches per epoch: {s.batches_per_epoch}, total optimization steps: {s.total_steps}, "
                   f"effective batch: {per_device} per device x {acc.num_processes} process(es) x "
                   f"{accum} accumulation = {effective}")
-        if cfg.log.logging_dir:
-            acc.log({"config/effective_batch_size": effective}, step=self.state.global_step)
+        acc.log({"config/effective_batch_size": effective}, step=self.state.global_step)
         if cfg.sample.sample_at_first and self.state.global_step == 0:
             self.sample()
         bar = tqdm(total=s.total_steps, initial=self.state.global_step, disable=not acc.is_local_main_process,
