@@ -199,6 +199,18 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + batch_size))
 
 
+def _load_local(path: str | os.PathLike, flag: str, what: str, processor_cls: Any,
+                model_cls: Any) -> tuple[Any, Any]:
+    """A processor and a model from a local folder only; a failure is one message naming the flag and the path."""
+    folder = check_model_folder(path, flag)
+    try:
+        with quiet_transformers():
+            return (processor_cls.from_pretrained(str(folder), local_files_only=True),
+                    model_cls.from_pretrained(str(folder), local_files_only=True))
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"{flag}: cannot load {what} from '{path}' ({type(e).__name__}: {_first_line(e)})") from None
+
+
 class DinoEmbedder:
     """A DINO / DINOv2 ViT from a local folder; an image's embedding is the CLS token of the last hidden state, as
     the DreamBooth paper used (ViT-S/16 DINO)."""
@@ -207,17 +219,11 @@ class DinoEmbedder:
                  batch_size: int = DEFAULT_BATCH_SIZE, flag: str = DINO_FLAG):
         from transformers import AutoImageProcessor, AutoModel
 
-        folder = check_model_folder(path, flag)
         self.name = str(path)
         self.batch_size = batch_size
         self.device = _pick_device(device)
-        try:
-            with quiet_transformers():
-                self.processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
-                self.model = AutoModel.from_pretrained(str(folder), local_files_only=True)
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelLoadError(f"{flag}: cannot load a DINO model and its image processor from '{path}' "
-                                 f"({type(e).__name__}: {_first_line(e)})") from None
+        self.processor, self.model = _load_local(path, flag, "a DINO model and its image processor",
+                                                 AutoImageProcessor, AutoModel)
         self.model.to(self.device).eval()
 
     @torch.no_grad()
@@ -240,17 +246,11 @@ class ClipEmbedder:
                  batch_size: int = DEFAULT_BATCH_SIZE, flag: str = CLIP_FLAG):
         from transformers import AutoProcessor, CLIPModel
 
-        folder = check_model_folder(path, flag)
         self.name = str(path)
         self.batch_size = batch_size
         self.device = _pick_device(device)
-        try:
-            with quiet_transformers():
-                self.processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
-                self.model = CLIPModel.from_pretrained(str(folder), local_files_only=True)
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelLoadError(f"{flag}: cannot load a CLIP model and its processor from '{path}' "
-                                 f"({type(e).__name__}: {_first_line(e)})") from None
+        self.processor, self.model = _load_local(path, flag, "a CLIP model and its processor", AutoProcessor,
+                                                 CLIPModel)
         if not hasattr(self.processor, "tokenizer") or not hasattr(self.processor, "image_processor"):
             raise ModelLoadError(f"{flag}: '{path}' must hold a CLIP processor (tokenizer and image processor), "
                                  f"found {type(self.processor).__name__}")

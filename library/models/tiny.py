@@ -26,7 +26,7 @@ SDXL_SCHEDULER_CONFIG = dict(
 )
 
 
-def _seeded(seed: int, offset: int) -> None:
+def seed_part(seed: int, offset: int) -> None:
     """Seed the global generator per model: module constructors draw their init from it."""
     torch.manual_seed(seed * 1000 + offset)
 
@@ -35,13 +35,13 @@ def build_tiny_sdxl(seed: int = 0) -> SDXLModels:
     """Randomly initialised tiny SDXL (float32, eval mode) with the shipped CLIP tokenizers."""
     fork_devices: list[int] = []
     with torch.random.fork_rng(devices=fork_devices):
-        _seeded(seed, 1)
+        seed_part(seed, 1)
         unet = UNet2DConditionModel(**TINY_SDXL_UNET)
-        _seeded(seed, 2)
+        seed_part(seed, 2)
         vae = AutoencoderKL(**TINY_SDXL_VAE)
-        _seeded(seed, 3)
+        seed_part(seed, 3)
         te1 = CLIPTextModel(CLIPTextConfig(**TINY_SDXL_TE1))
-        _seeded(seed, 4)
+        seed_part(seed, 4)
         te2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SDXL_TE2))
     tok1, tok2 = load_sdxl_tokenizers()
     for model in (unet, vae, te1, te2):

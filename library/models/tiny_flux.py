@@ -18,6 +18,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from library.errors import UserError
 from library.models.flux_loader import FluxModels, save_flux_single_files
+from library.models.tiny import seed_part
 from library.models.tiny_configs import TINY_SDXL_TE1
 from library.models.tokenizers import shipped_clip_tokenizer
 
@@ -71,20 +72,16 @@ def build_tiny_t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def _seeded(seed: int, offset: int) -> None:
-    torch.manual_seed(seed * 1000 + offset)
-
-
 def build_tiny_flux(seed: int = 0) -> FluxModels:
     """Randomly initialised tiny FLUX (float32, eval mode) with the shipped CLIP tokenizer and a tiny T5 one."""
     with torch.random.fork_rng(devices=[]):
-        _seeded(seed, 11)
+        seed_part(seed, 11)
         transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER)
-        _seeded(seed, 12)
+        seed_part(seed, 12)
         ae = AutoencoderKL(**TINY_FLUX_AE)
-        _seeded(seed, 13)
+        seed_part(seed, 13)
         clip_l = CLIPTextModel(CLIPTextConfig(**TINY_CLIP_L))
-        _seeded(seed, 14)
+        seed_part(seed, 14)
         t5 = T5EncoderModel(T5Config(**TINY_T5))
     for m in (transformer, ae, clip_l, t5):
         m.eval()

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from library.config.train_config import RunConfig
 from library.errors import UserError
 from library.train import checkpoint as ckpt
+from library.train.batch_inputs import batch_latents, batch_text
 from library.train.epoch_plan import PlannedBatch, plan_epoch
 from library.train.family import ModelFamily, get_family
 from library.train.loop_math import all_reduce_mean_, masked_mse, step_generator
@@ -143,27 +144,12 @@ class Trainer:
         self._evaluator = None
 
     # --- one step -----------------------------------------------------------------------------------------------
-    def _text(self, batch: Any) -> dict[str, torch.Tensor]:
-        s = self.s
-        if s.text_cache is not None:
-            outs = [s.text_cache.get(c) for c in batch.captions]
-            return {k: torch.stack([o[k] for o in outs]).to(s.accelerator.device) for k in outs[0]}
-        with torch.set_grad_enabled(s.network.trains_text_encoder), s.accelerator.autocast():
-            return s.family.encode_text(s.models, batch.captions)
-
-    def _latents(self, batch: Any, gens: list[torch.Generator]) -> torch.Tensor:
-        s = self.s
-        if batch.latents is not None:
-            return batch.latents.to(s.accelerator.device, s.weight_dtype)
-        with torch.no_grad():
-            return s.family.encode_images(s.models, batch.images.to(s.accelerator.device), gens).to(s.weight_dtype)
-
     def _loss(self, batch: Any, micro: int, first_position: int) -> torch.Tensor:
         s, t = self.s, self.s.cfg.training
         gens = [step_generator(t.seed, self.state.global_step, micro, first_position + j)
                 for j in range(len(batch.captions))]
-        latents = self._latents(batch, gens)
-        text = self._text(batch)
+        latents = batch_latents(s, batch, gens)
+        text = batch_text(s, batch, grad=s.network.trains_text_encoder)
         inp = s.family.noise_and_timesteps(latents, gens, t)
         torch.manual_seed(step_generator(t.seed, self.state.global_step, micro).initial_seed() % (2 ** 31))
         s.network.before_forward(batch)

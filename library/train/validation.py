@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from library.train.batch_inputs import batch_latents, batch_text
 from library.train.loop_math import masked_mse, step_generator
 
 VALIDATION_STEP = -1  # a loop position no training step uses: its generators are the validation ones
@@ -26,17 +27,8 @@ def validation_loss(session: Any) -> float | None:
             for indices in ds.validation_batches():
                 batch = ds.load_batch(indices, 0, augment=False)
                 gens = [step_generator(s.cfg.training.seed, VALIDATION_STEP, 0, i) for i in indices]
-                if batch.latents is not None:
-                    latents = batch.latents.to(s.accelerator.device, s.weight_dtype)
-                else:
-                    latents = s.family.encode_images(s.models, batch.images.to(s.accelerator.device), gens)
-                    latents = latents.to(s.weight_dtype)
-                if s.text_cache is not None:
-                    outs = [s.text_cache.get(c) for c in batch.captions]
-                    text = {k: torch.stack([o[k] for o in outs]).to(s.accelerator.device) for k in outs[0]}
-                else:
-                    with s.accelerator.autocast():
-                        text = s.family.encode_text(s.models, batch.captions)
+                latents = batch_latents(s, batch, gens)
+                text = batch_text(s, batch, grad=False)
                 inp = s.family.noise_and_timesteps(latents, gens, s.cfg.training)
                 s.network.before_forward(batch)
                 with s.accelerator.autocast():
