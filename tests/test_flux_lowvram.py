@@ -169,6 +169,52 @@ def test_block_swap_flags_are_checked(tiny):
     assert isinstance(tr.single_transformer_blocks[0].proj_out, Fp8Linear) and models["block_swapper"] is None
 
 
+def test_swapped_blocks_never_visit_the_device_at_load_time(tiny):
+    """prepare_base_models casts on the CPU, then moves everything but the swapped blocks: the device never holds
+    the whole model (nor an fp32 copy of it). The meta device stands in for a GPU: whatever is moved there shows."""
+    from library.config.flux_config import FluxConfig
+    from library.train.flux_family import FluxFamily
+    from library.train.loop import prepare_base_models
+
+    tr = copy.deepcopy(tiny.transformer)
+    models = {"transformer": tr, "vae": torch.nn.Linear(2, 2), "text_encoders": [],
+              "flux_cfg": FluxConfig(blocks_to_swap=3)}
+    cfg = SimpleNamespace(model=SimpleNamespace(no_half_vae=False),
+                          training=SimpleNamespace(xformers=False, gradient_checkpointing=True))
+    family = FluxFamily()
+    kept = family.modules_kept_off_device(models, cfg)
+    assert kept == [tr.transformer_blocks[1], *tr.single_transformer_blocks]
+    family.after_base_models_prepared = lambda *a: None  # the swapper itself needs CUDA; placement is under test
+    prepare_base_models(cfg, family, models, torch.device("meta"), torch.bfloat16)
+    kept_ids = {id(p) for m in kept for p in m.parameters()}
+    for name, p in tr.named_parameters():
+        assert p.dtype == torch.bfloat16, name
+        assert p.device.type == ("cpu" if id(p) in kept_ids else "meta"), name
+    assert {b.device.type for _, b in tr.named_buffers()} <= {"meta"}
+    # without swapping everything moves
+    tr2 = copy.deepcopy(tiny.transformer)
+    models2 = dict(models, transformer=tr2, flux_cfg=FluxConfig(), vae=torch.nn.Linear(2, 2))
+    prepare_base_models(cfg, family, models2, torch.device("meta"), torch.bfloat16)
+    assert {p.device.type for p in tr2.parameters()} == {"meta"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="--blocks_to_swap moves blocks between the CPU and a GPU")
+def test_flux_training_with_blocks_to_swap_gives_the_same_losses_on_cuda(tmp_path, tiny_flux_single):
+    """The issue's check: swapping is exact, so the per-step losses of a run with and without it are equal."""
+    from test_flux_train import flux_toml, read_losses
+
+    ds = build_shapes_dataset(tmp_path)
+    losses = {}
+    for name, extra in (("plain", []), ("swap", ["--blocks_to_swap", "2"])):
+        cfg = flux_toml(tmp_path, tiny_flux_single, ds["config"], name=name, max_train_steps=3,
+                        output_dir=str(tmp_path / name))
+        r = run_script("flux_train_network.py", "--config_file", cfg, "--mixed_precision", "bf16",
+                       "--gradient_checkpointing", *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        losses[name] = read_losses(tmp_path / f"{name}_loss.jsonl")
+    assert len(losses["plain"]) == 3 and losses["swap"] == losses["plain"]
+
+
 # ------------------------------------------------------------------------------------------------- scripts
 @pytest.fixture(scope="module")
 def tiny_flux_single(tmp_path_factory) -> str:

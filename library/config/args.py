@@ -56,6 +56,9 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--sdpa", action="store_true", help="use PyTorch SDPA attention (the default)")
     g.add_argument("--xformers", action="store_true", help="use xformers attention (optional extra)")
+    g.add_argument("--sdpa_cudnn", action="store_true",
+                   help="let training use cuDNN's SDPA kernel (off by default: its backward gave NaN gradients on "
+                        "Hopper GPUs, see library/train/attention.py)")
     g.add_argument("--mem_eff_attn", action="store_true", help="accepted for compatibility; SDPA is used")
     g.add_argument("--lowram", action="store_true", help="accepted for compatibility")
 

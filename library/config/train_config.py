@@ -138,6 +138,7 @@ class TrainingConfig:
     min_timestep: int = 0
     max_timestep: int = 1000
     xformers: bool = False
+    sdpa_cudnn: bool = False
 
 
 @dataclass

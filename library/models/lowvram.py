@@ -121,6 +121,32 @@ def model_blocks(model: nn.Module, block_lists: Iterable[str] = FLUX_BLOCK_LISTS
     return blocks
 
 
+def swapped_blocks(model: nn.Module, n_blocks: int, block_lists: Iterable[str] = FLUX_BLOCK_LISTS) -> list[nn.Module]:
+    """The last `n_blocks` blocks in run order: the ones --blocks_to_swap keeps on the offload device."""
+    blocks = model_blocks(model, block_lists)
+    if not 1 <= n_blocks <= len(blocks):
+        raise UserError(f"--blocks_to_swap {n_blocks}: expected 1 to {len(blocks)} (this model has "
+                        f"{len(blocks)} blocks)")
+    return blocks[len(blocks) - n_blocks:]
+
+
+def move_to_device_except(module: nn.Module, device: torch.device, kept_off: list[nn.Module]) -> None:
+    """`module.to(device)`, except for the submodules in `kept_off` (which stay where they are)."""
+    if not kept_off:
+        module.to(device)
+        return
+    skip = {id(m) for m in kept_off}
+
+    def visit(m: nn.Module) -> None:
+        if id(m) in skip:
+            return
+        m._apply(lambda t: t.to(device), recurse=False)  # this module's own parameters and buffers, as .to does
+        for child in m.children():
+            visit(child)
+
+    visit(module)
+
+
 @dataclass
 class BlockSwapper:
     """Keeps `blocks` on `offload_device` and brings each onto `device` only while it runs (see the module doc)."""
@@ -140,11 +166,7 @@ class BlockSwapper:
                record: bool = False) -> "BlockSwapper":
         """Swap the last `n_blocks` blocks of `model` (in run order): move them to `offload_device` now and hook
         them so that each visits `device` only while it runs."""
-        blocks = model_blocks(model, block_lists)
-        if not 1 <= n_blocks <= len(blocks):
-            raise UserError(f"--blocks_to_swap {n_blocks}: expected 1 to {len(blocks)} (this model has "
-                            f"{len(blocks)} blocks)")
-        swapper = cls(blocks=blocks[len(blocks) - n_blocks:], device=torch.device(device),
+        swapper = cls(blocks=swapped_blocks(model, n_blocks, block_lists), device=torch.device(device),
                       offload_device=torch.device(offload_device), record=record)
         for i, block in enumerate(swapper.blocks):
             block.to(swapper.offload_device)
@@ -198,4 +220,4 @@ class BlockSwapper:
 
 
 __all__ = ["BlockSwapper", "FLUX_BLOCK_LISTS", "FLUX_FP8_INCLUDE", "Fp8Linear", "apply_fp8_linear",
-           "linear_weight_bytes", "model_blocks"]
+           "linear_weight_bytes", "model_blocks", "move_to_device_except", "swapped_blocks"]

@@ -221,8 +221,9 @@ class FluxGenerator:
         self.config = config
         self.device = device
         self.dtype = _DTYPES[config.common.dtype]
-        for model in (models.transformer, models.clip_l, models.t5, models.ae):
+        for model in (models.clip_l, models.t5, models.ae):
             _move(model, device, self.dtype)
+        self._place_transformer(models.transformer)
         self.models = models
         # AttachedNetworks speaks SDXL's names: the transformer is the "unet", CLIP-L and T5 the two encoders
         view = SimpleNamespace(vae=models.ae, unet=models.transformer, text_encoder1=models.clip_l,
@@ -245,6 +246,18 @@ class FluxGenerator:
         guidance = bool(models.transformer.config.guidance_embeds)
         self.max_length = config.flux.t5xxl_max_token_length or (512 if guidance else 256)
         self.run_stamp = time.strftime("%Y%m%d%H%M%S")
+
+    def _place_transformer(self, transformer: torch.nn.Module) -> None:
+        """Cast on the CPU, then move; blocks that --blocks_to_swap keeps on the CPU never visit the device."""
+        from library.models.lowvram import move_to_device_except, swapped_blocks
+
+        n_swap = self.config.flux.blocks_to_swap
+        if not n_swap:
+            _move(transformer, self.device, self.dtype)
+            return
+        if next(transformer.parameters()).dtype != self.dtype:
+            transformer.to(self.dtype)
+        move_to_device_except(transformer, self.device, swapped_blocks(transformer, n_swap))
 
     def _apply_low_vram(self) -> None:
         from library.config.flux_config import FluxConfig

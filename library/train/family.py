@@ -65,6 +65,12 @@ class ModelFamily(ABC):
         """Per-sample loss weights (e.g. min-SNR); None for uniform."""
         return None
 
+    def modules_kept_off_device(self, models: dict[str, Any], cfg: Any) -> list[torch.nn.Module]:
+        """Submodules of the denoiser that must never be moved to the device as a whole (blocks that
+        --blocks_to_swap keeps on the CPU): moving them in first and out afterwards would need the whole model's
+        memory on the device at load time, which is what swapping exists to avoid."""
+        return []
+
     def after_base_models_prepared(self, models: dict[str, Any], cfg: Any, device: torch.device) -> None:
         """Called once the frozen base models have their device and weight dtype, before any network is attached:
         the place for storage tricks that a later `.to(dtype)` would undo (fp8 weights, block swapping)."""

@@ -99,9 +99,6 @@ def check_device_flags(fcfg: FluxConfig) -> None:
     if fcfg.blocks_to_swap and not torch.cuda.is_available():
         raise UserError("--blocks_to_swap needs a CUDA GPU (it keeps blocks on the CPU and moves each to the GPU "
                         "while it runs), and none is available: drop the flag to train on the CPU")
-    if (fcfg.fp8_base or fcfg.blocks_to_swap) and torch.cuda.is_available():
-        logger.warning("--fp8_base / --blocks_to_swap are experimental on CUDA: a test run gave NaN losses from the "
-                       "second step (see docs/flux.md); training stops with an error if the loss is not finite")
 
 
 def apply_low_vram(transformer: torch.nn.Module, fcfg: FluxConfig, device: torch.device,
@@ -152,6 +149,14 @@ class FluxFamily(ModelFamily):
         t5_len = fcfg.t5xxl_max_token_length or (512 if guidance else 256)
         return {"transformer": m.transformer, "vae": m.ae, "text_encoders": [m.clip_l, m.t5],
                 "tokenizers": [m.tokenizer_clip, m.tokenizer_t5], "flux_cfg": fcfg, "t5_max_length": t5_len}
+
+    def modules_kept_off_device(self, models: dict[str, Any], cfg: Any) -> list[torch.nn.Module]:
+        from library.models.lowvram import swapped_blocks
+
+        fcfg = models.get("flux_cfg") or self.flux_cfg
+        if not fcfg.blocks_to_swap:
+            return []
+        return swapped_blocks(models["transformer"], fcfg.blocks_to_swap)
 
     def after_base_models_prepared(self, models: dict[str, Any], cfg: Any, device: torch.device) -> None:
         fcfg = models.get("flux_cfg") or self.flux_cfg

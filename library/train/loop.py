@@ -13,11 +13,13 @@ from tqdm.auto import tqdm
 
 from library.config.train_config import RunConfig
 from library.errors import UserError
+from library.models.lowvram import move_to_device_except
 from library.train import checkpoint as ckpt
+from library.train.attention import configure_training_attention
 from library.train.batch_inputs import batch_latents, batch_text
 from library.train.epoch_plan import PlannedBatch, plan_epoch
 from library.train.family import ModelFamily, get_family
-from library.train.loop_math import all_reduce_mean_, masked_mse, step_generator
+from library.train.loop_math import all_reduce_mean_, masked_mse, nonfinite_grads, step_generator
 from library.train.network_adapter import TrainNetwork, build_network
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -58,11 +60,13 @@ def prepare_base_models(cfg: RunConfig, family: ModelFamily, models: dict[str, A
         module.requires_grad_(False)
         module.eval()
     vae_dtype = torch.float32 if cfg.model.no_half_vae else weight_dtype
+    kept_off = family.modules_kept_off_device(models, cfg)
     for module, dtype in [(models["vae"], vae_dtype), (denoiser, weight_dtype)] + \
             [(te, weight_dtype) for te in models.get("text_encoders") or []]:
-        module.to(device)
+        # cast where the weights are (the CPU) before moving: the device never holds an fp32 copy of the model
         if dtype != torch.float32:
             module.to(dtype)
+        move_to_device_except(module, device, kept_off if module is denoiser else [])
     if cfg.training.xformers:
         try:
             denoiser.enable_xformers_memory_efficient_attention()
@@ -96,6 +100,7 @@ def build_session(cfg: RunConfig) -> Session:
                               mixed_precision=cfg.training.mixed_precision, log_with=log_with,
                               project_dir=cfg.log.logging_dir)
     set_seed(cfg.training.seed)
+    configure_training_attention(cfg.training.sdpa_cudnn)
     family = get_family(cfg.family)
     datasets = build_datasets(cfg, accelerator.num_processes, verbose=accelerator.is_main_process)
     weight_dtype = DTYPES[cfg.training.mixed_precision]
@@ -187,6 +192,7 @@ class Trainer:
         if acc.sync_gradients:
             if world > 1:
                 all_reduce_mean_(params)
+            self._check_gradients()
             if s.cfg.optimizer.max_grad_norm:
                 acc.clip_grad_norm_(params, s.cfg.optimizer.max_grad_norm)
         s.optimizer.step()
@@ -195,6 +201,18 @@ class Trainer:
         if world > 1:
             logged = acc.reduce(logged, reduction="sum")
         return logged / total
+
+    def _check_gradients(self) -> None:
+        """A finite loss can still back-propagate NaN or inf (an overflow in one layer's backward): one optimizer
+        step on such a gradient turns the whole network to NaN, silently. Stop before it, naming the parameters."""
+        if getattr(self.s.accelerator, "scaler", None) is not None:
+            return  # fp16 loss scaling: an inf gradient is expected now and then; the scaler skips that step
+        bad = nonfinite_grads(list(self.s.network.module.named_parameters()))
+        if bad:
+            raise UserError(f"the gradient is not finite at step {self.state.global_step + 1} (epoch "
+                            f"{self.state.epoch + 1}) in {', '.join(bad)}: training stopped before the optimizer "
+                            "step. Lower the learning rate, use bf16 instead of fp16, or drop experimental low-VRAM "
+                            "flags; resume from the last --save_state folder")
 
     # --- saving and sampling --------------------------------------------------------------------------------------
     def _metadata(self) -> dict[str, str] | None:
@@ -288,6 +306,9 @@ class Trainer:
                   f"effective batch: {per_device} per device x {acc.num_processes} process(es) x "
                   f"{accum} accumulation = {effective}")
         acc.log({"config/effective_batch_size": effective}, step=self.state.global_step)
+        if torch.cuda.is_available():
+            acc.print(f"GPU memory with the models loaded: {torch.cuda.memory_allocated() / 2**20:.1f} MiB "
+                      f"(peak so far {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB)")
         if cfg.sample.sample_at_first and self.state.global_step == 0:
             self.sample()
         bar = tqdm(total=s.total_steps, initial=self.state.global_step, disable=not acc.is_local_main_process,
@@ -305,6 +326,8 @@ class Trainer:
             if loss_log:
                 loss_log.close()
         out = self.save_network(f"{cfg.save.output_name}.safetensors")
+        if torch.cuda.is_available():
+            acc.print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB")
         if cfg.validation.evaluates and acc.is_main_process:
             self.evaluate()  # the final network, against the held-out images and the baseline
             written = self._evaluator.write(out) if self._evaluator else None

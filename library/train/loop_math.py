@@ -1,4 +1,4 @@
-"""Small numeric pieces of the loop: per-position generators, the masked loss, the gradient all-reduce."""
+"""Small numeric pieces of the loop: per-position generators, the masked loss, the gradient all-reduce and check."""
 from __future__ import annotations
 
 import torch
@@ -26,6 +26,16 @@ def all_reduce_mean_(params: list[torch.nn.Parameter]) -> None:
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
         offset += n
+
+
+def nonfinite_grads(named_params: list[tuple[str, torch.nn.Parameter]], limit: int = 3) -> list[str]:
+    """Names of (up to `limit`) parameters whose gradient holds NaN or inf; empty when all are finite. One device
+    sync per call: the per-tensor flags are stacked before anything is read back."""
+    with_grad = [(n, p.grad) for n, p in named_params if p.grad is not None]
+    if not with_grad:
+        return []
+    finite = torch.stack([torch.isfinite(g).all() for _, g in with_grad]).cpu()
+    return [n for (n, _), ok in zip(with_grad, finite.tolist()) if not ok][:limit]
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
