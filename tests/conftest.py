@@ -39,7 +39,8 @@ def write_toml(path: Path, text: str) -> str:
 def run_script(script: str, *args: str, cwd: str | Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run a repo script as users do: a subprocess with the repo's Python."""
     cmd = [sys.executable, str(REPO / script), *args]
-    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    path = os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    env = dict(os.environ, PYTHONPATH=path, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     return subprocess.run(cmd, cwd=str(cwd or REPO), env=env, capture_output=True, text=True, timeout=timeout)
 
 

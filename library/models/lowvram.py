@@ -64,21 +64,23 @@ class Fp8Linear(nn.Linear):
 
 
 @torch.no_grad()
-def _to_fp8(layer: nn.Linear, compute_dtype: torch.dtype) -> None:
-    w = layer.weight.detach().float()
+def _to_fp8(layer: nn.Linear, compute_dtype: torch.dtype, work_device: torch.device | None = None) -> None:
+    home = layer.weight.device
+    w = layer.weight.detach().to(work_device or home).float()
     scale = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
-    layer.weight = nn.Parameter((w / scale).to(FP8_DTYPE), requires_grad=False)
-    layer.register_buffer("weight_scale", scale.to(layer.weight.device), persistent=False)
+    layer.weight = nn.Parameter((w / scale).to(FP8_DTYPE).to(home), requires_grad=False)
+    layer.register_buffer("weight_scale", scale.to(home), persistent=False)
     layer.__class__ = Fp8Linear
     layer.compute_dtype = compute_dtype
 
 
 def apply_fp8_linear(module: nn.Module, compute_dtype: torch.dtype,
-                     include: Sequence[str] = FLUX_FP8_INCLUDE) -> int:
+                     include: Sequence[str] = FLUX_FP8_INCLUDE, work_device: torch.device | str | None = None) -> int:
     """Store the Linears whose names match one of the `include` regexes in fp8, frozen; returns how many.
 
     Call after the model has its device and dtype (a later `.to(dtype)` would cast the fp8 weights) and before any
-    network is attached to it."""
+    network is attached to it. `work_device`: where to quantize, one layer at a time (the compute device, so that
+    blocks kept on the CPU by swapping get bit-for-bit the fp8 weights they would get on the GPU)."""
     if compute_dtype in (FP8_DTYPE, torch.float8_e5m2):
         raise UserError("--fp8_base: the compute dtype must be float32, float16 or bfloat16, not fp8")
     patterns = [re.compile(p) for p in include]
@@ -90,7 +92,7 @@ def apply_fp8_linear(module: nn.Module, compute_dtype: torch.dtype,
             continue
         if "forward" in sub.__dict__:
             raise UserError(f"--fp8_base: '{name}' already has a network attached; fp8 must be applied first")
-        _to_fp8(sub, compute_dtype)
+        _to_fp8(sub, compute_dtype, torch.device(work_device) if work_device is not None else None)
         count += 1
     return count
 

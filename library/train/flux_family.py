@@ -110,7 +110,7 @@ def apply_low_vram(transformer: torch.nn.Module, fcfg: FluxConfig, device: torch
 
     if fcfg.fp8_base:
         dtype = next(transformer.parameters()).dtype
-        n = apply_fp8_linear(transformer, dtype)
+        n = apply_fp8_linear(transformer, dtype, work_device=device)
         logger.info("--fp8_base: %d transformer Linears stored in float8_e4m3fn, computed in %s", n, dtype)
     if not fcfg.blocks_to_swap:
         return None
