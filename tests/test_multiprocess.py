@@ -6,6 +6,8 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -132,3 +134,70 @@ def test_repeated_two_process_runs_exit_cleanly(tmp_path, tiny_sdxl_file):
         r = _torchrun(tmp_path, "sdxl_train_network.py", cfg, 29541 + i)
         assert r.returncode == 0, (i, r.stderr[-3000:])
         assert "Traceback" not in r.stderr
+
+
+def _accelerate_env(config_file: Path) -> dict[str, str]:
+    """The environment `accelerate launch --config_file F` gives each process (accelerate's own launch code): on
+    these machines accelerate launch starts multi-CPU runs only through MPI, so torchrun starts the processes."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config_file), "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    return {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+                    reason="torchrun not installed")
+def test_fsdp_config_shards_the_flux_transformer_and_trains_like_one_process(tmp_path, tiny_flux_model):
+    """The shipped FSDP config: each process holds half the frozen transformer, and the LoRA (replicated) comes out
+    as from one process with twice the batch, saved once in the kohya layout."""
+    env = _accelerate_env(REPO / "configs" / "accelerate" / "fsdp_flux_lora.yaml")
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    common = dict(max_train_steps=3, learning_rate=1e-3, mixed_precision="no", save_state=True,
+                  sample_prompts=str(write_toml(tmp_path / "prompts.txt", "a red circle --w 64 --h 64 --s 2 --d 5\n")),
+                  sample_every_n_steps=3)
+    one = _flux_run(tmp_path, tiny_flux_model, _dataset(tmp_path, 4), "one", **common)
+    r = run_script("flux_train_network.py", "--config_file", one)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    two = _flux_run(tmp_path, tiny_flux_model, _dataset(tmp_path, 2), "two", **common)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29561",
+                        str(REPO / "flux_train_network.py"), "--config_file", two], cwd=str(tmp_path),
+                       env=dict(os.environ, **env, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
+                                TOKENIZERS_PARALLELISM="false"),
+                       capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "Traceback" not in out
+    assert "sharded in 4 blocks + root over 2 processes (50% held here)" in out
+    assert read_losses(tmp_path / "two_loss.jsonl") == pytest.approx(read_losses(tmp_path / "one_loss.jsonl"),
+                                                                      rel=1e-4, abs=1e-6)
+    a = load_file(str(tmp_path / "one" / "lora.safetensors"))
+    b = load_file(str(tmp_path / "two" / "lora.safetensors"))
+    assert a.keys() == b.keys() and all(k.startswith("lora_unet_") for k in b if not k.endswith("alpha"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=2e-5)
+    # sampling ran on both processes (the sharded forward needs them) and the main one wrote the image once
+    assert [p.name for p in (tmp_path / "two" / "sample").iterdir()] == \
+        [p.name for p in (tmp_path / "one" / "sample").iterdir()]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["lora-state", "lora.safetensors", "sample"]
+
+
+def test_deepspeed_and_incompatible_fsdp_requests_are_clear():
+    from library.config.flux_config import FluxConfig
+    from library.errors import UserError
+    from library.train.scale_out import ShardingOptions, check_sharding_compatible, take_sharding_request
+
+    with pytest.raises(UserError, match="DeepSpeed is not supported.*fsdp_flux_lora.yaml"):
+        take_sharding_request({"ACCELERATE_USE_DEEPSPEED": "true"})
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP", "FSDP_OFFLOAD_PARAMS": "true",
+           "OTHER": "x"}
+    assert take_sharding_request(env) == ShardingOptions(reshard_after_forward=False, offload_params=True)
+    assert env == {"OTHER": "x"}  # taken out of accelerate's view
+    assert take_sharding_request({}) is None
+    cfg = SimpleNamespace(model=SimpleNamespace(flux=FluxConfig(blocks_to_swap=2)),
+                          validation=SimpleNamespace(evaluates=False))
+    with pytest.raises(UserError, match="cannot be combined with --fp8_base or --blocks_to_swap"):
+        check_sharding_compatible(ShardingOptions(), cfg)

@@ -71,6 +71,10 @@ class ModelFamily(ABC):
         memory on the device at load time, which is what swapping exists to avoid."""
         return []
 
+    def sharding_units(self, models: dict[str, Any]) -> list[torch.nn.Module]:
+        """The denoiser's blocks, in run order: one FSDP unit each when the base model is sharded."""
+        return []
+
     def after_base_models_prepared(self, models: dict[str, Any], cfg: Any, device: torch.device) -> None:
         """Called once the frozen base models have their device and weight dtype, before any network is attached:
         the place for storage tricks that a later `.to(dtype)` would undo (fp8 weights, block swapping)."""

@@ -158,6 +158,11 @@ class FluxFamily(ModelFamily):
             return []
         return swapped_blocks(models["transformer"], fcfg.blocks_to_swap)
 
+    def sharding_units(self, models: dict[str, Any]) -> list[torch.nn.Module]:
+        from library.models.lowvram import model_blocks
+
+        return model_blocks(models["transformer"])
+
     def after_base_models_prepared(self, models: dict[str, Any], cfg: Any, device: torch.device) -> None:
         fcfg = models.get("flux_cfg") or self.flux_cfg
         models["block_swapper"] = apply_low_vram(models["transformer"], fcfg, device,

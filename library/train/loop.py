@@ -21,6 +21,8 @@ from library.train.epoch_plan import PlannedBatch, plan_epoch
 from library.train.family import ModelFamily, get_family
 from library.train.loop_math import all_reduce_mean_, masked_mse, nonfinite_grads, step_generator
 from library.train.network_adapter import TrainNetwork, build_network
+from library.train.scale_out import (ShardingOptions, check_sharding_compatible, local_share, shard_frozen_model,
+                                     take_sharding_request)
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -49,6 +51,7 @@ class Session:
     weight_dtype: torch.dtype
     total_steps: int
     batches_per_epoch: int
+    sharded: bool = False  # the base model is FSDP-sharded: every process takes part in each forward
 
 
 def prepare_base_models(cfg: RunConfig, family: ModelFamily, models: dict[str, Any], device: torch.device,
@@ -79,6 +82,23 @@ def prepare_base_models(cfg: RunConfig, family: ModelFamily, models: dict[str, A
     family.after_base_models_prepared(models, cfg, device)
 
 
+def shard_base_model(family: ModelFamily, models: dict[str, Any], options: ShardingOptions,
+                     accelerator: Any) -> bool:
+    """FSDP-shard the frozen denoiser across the processes (library/train/scale_out.py)."""
+    denoiser = models[family.denoiser_key]
+    units = family.sharding_units(models)
+    if not units:
+        raise UserError(f"FSDP sharding is not available for the {family.__class__.__name__} models")
+    if accelerator.num_processes < 2:
+        accelerator.print("FSDP config with one process: nothing to shard, the base model stays whole")
+        return False
+    n = shard_frozen_model(denoiser, units, options)
+    accelerator.print(f"FSDP: the frozen {family.denoiser_key} is sharded in {n} blocks + root over "
+                      f"{accelerator.num_processes} processes ({local_share(denoiser):.0%} held here); "
+                      "the network is replicated")
+    return True
+
+
 def build_session(cfg: RunConfig) -> Session:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -94,6 +114,8 @@ def build_session(cfg: RunConfig) -> Session:
 
         if importlib.util.find_spec("wandb") is None:
             raise UserError("--log_with wandb needs the wandb package: pip install wandb (or the [wandb] extra)")
+    sharding = take_sharding_request()  # before the Accelerator reads the environment
+    check_sharding_compatible(sharding, cfg)
     # without a GPU, cpu=True is what makes accelerate form a gloo group under torchrun (MULTI_CPU)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
@@ -118,6 +140,7 @@ def build_session(cfg: RunConfig) -> Session:
     net_dtype = weight_dtype if (cfg.training.full_bf16 or cfg.training.full_fp16) else torch.float32
     network.module.to(device, net_dtype)
     network.module.train()
+    sharded = sharding is not None and shard_base_model(family, models, sharding, accelerator)
 
     text_cache = setup_caches(cfg, family, models, datasets, accelerator, network.trains_text_encoder)
 
@@ -137,7 +160,7 @@ def build_session(cfg: RunConfig) -> Session:
     optimizer = accelerator.prepare(optimizer)
     accelerator.register_for_checkpointing(network.module, scheduler)
     return Session(cfg, family, accelerator, models, network, datasets, optimizer, scheduler, text_cache,
-                   weight_dtype, total_steps, batches_per_epoch)
+                   weight_dtype, total_steps, batches_per_epoch, sharded)
 
 
 class Trainer:
@@ -240,7 +263,11 @@ class Trainer:
         from library.train.sampling import sample_during_training
 
         s = self.s
-        if s.cfg.sample.sample_prompts and s.accelerator.is_main_process:
+        if not s.cfg.sample.sample_prompts:
+            return
+        if s.sharded:  # the sharded model needs every process in each forward; the main one writes
+            sample_during_training(s, self.state.global_step, write=s.accelerator.is_main_process)
+        elif s.accelerator.is_main_process:
             sample_during_training(s, self.state.global_step)
 
     def validate(self) -> None:

@@ -32,7 +32,7 @@ def requests_from_prompt_file(path: str, default_size: tuple[int, int], seed: in
 
 
 def sample_during_training(session: Any, step: int, out_dir: str | None = None, multiplier: float | None = None,
-                           log_images: bool = True) -> list[str]:
+                           log_images: bool = True, write: bool = True) -> list[str]:
     """Generate the sample prompts with the network as it is now (or at `multiplier`, e.g. 0 for the base model);
     restore training mode, the multiplier and the RNG afterwards."""
     from library.sample.png_metadata import GenerationInfo, save_png_with_info
@@ -68,7 +68,9 @@ def sample_during_training(session: Any, step: int, out_dir: str | None = None, 
             m.to("cpu")
         denoiser.train(was_training[0])
         net.train(was_training[1])
-    paths = []
+    paths: list[str] = []
+    if not write:
+        return paths
     for i, (req, img) in enumerate(zip(requests, images)):
         path = os.path.join(out_dir, f"{cfg.save.output_name}_{step:06d}_{i:02d}_{req.seed}.png")
         save_png_with_info(img, path, GenerationInfo(prompt=req.prompt, negative_prompt=req.negative_prompt,

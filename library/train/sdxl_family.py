@@ -32,6 +32,10 @@ class SDXLFamily(ModelFamily):
             models["vae"] = load_sdxl_vae(cfg.vae, allow_pickle=cfg.allow_pickle)
         return models
 
+    def sharding_units(self, models: dict[str, Any]) -> list[torch.nn.Module]:
+        unet = models["unet"]
+        return [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+
     def model_identity(self, models: dict[str, Any], part: str) -> str:
         if part == "vae":
             return "sdxl-vae-" + module_fingerprint(models["vae"])
