@@ -132,8 +132,12 @@ def swapped_blocks(model: nn.Module, n_blocks: int, block_lists: Iterable[str] =
     return blocks[len(blocks) - n_blocks:]
 
 
-def move_to_device_except(module: nn.Module, device: torch.device, kept_off: list[nn.Module]) -> None:
-    """`module.to(device)`, except for the submodules in `kept_off` (which stay where they are)."""
+def place_module(module: nn.Module, device: torch.device, dtype: torch.dtype | None = None,
+                 kept_off: Sequence[nn.Module] = ()) -> None:
+    """Cast to `dtype` where the weights are (the CPU), then move to `device` all but the submodules in `kept_off`
+    (blocks --blocks_to_swap keeps on the CPU): the device never holds an fp32 copy, nor a block that is swapped."""
+    if dtype is not None:
+        module.to(dtype)
     if not kept_off:
         module.to(device)
         return
@@ -222,4 +226,4 @@ class BlockSwapper:
 
 
 __all__ = ["BlockSwapper", "FLUX_BLOCK_LISTS", "FLUX_FP8_INCLUDE", "Fp8Linear", "apply_fp8_linear",
-           "linear_weight_bytes", "model_blocks", "move_to_device_except", "swapped_blocks"]
+           "linear_weight_bytes", "model_blocks", "place_module", "swapped_blocks"]

@@ -249,15 +249,14 @@ class FluxGenerator:
 
     def _place_transformer(self, transformer: torch.nn.Module) -> None:
         """Cast on the CPU, then move; blocks that --blocks_to_swap keeps on the CPU never visit the device."""
-        from library.models.lowvram import move_to_device_except, swapped_blocks
+        from library.models.lowvram import place_module, swapped_blocks
 
         n_swap = self.config.flux.blocks_to_swap
         if not n_swap:
             _move(transformer, self.device, self.dtype)
             return
-        if next(transformer.parameters()).dtype != self.dtype:
-            transformer.to(self.dtype)
-        move_to_device_except(transformer, self.device, swapped_blocks(transformer, n_swap))
+        dtype = self.dtype if next(transformer.parameters()).dtype != self.dtype else None
+        place_module(transformer, self.device, dtype, swapped_blocks(transformer, n_swap))
 
     def _apply_low_vram(self) -> None:
         from library.config.flux_config import FluxConfig

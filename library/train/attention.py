@@ -15,14 +15,13 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def configure_training_attention(allow_cudnn: bool) -> bool:
-    """Turn cuDNN SDPA off for this process (on CUDA, unless `allow_cudnn`); returns whether it is now enabled."""
+def configure_training_attention(allow_cudnn: bool) -> None:
+    """Turn cuDNN SDPA off for this process (on CUDA, unless `allow_cudnn`)."""
     if not torch.cuda.is_available():
-        return False
+        return
     if allow_cudnn:
         logger.info("--sdpa_cudnn: cuDNN attention stays enabled in training")
-        return torch.backends.cuda.cudnn_sdp_enabled()
+        return
     torch.backends.cuda.enable_cudnn_sdp(False)
     logger.info("cuDNN attention disabled for training (its backward is unreliable; see library/train/attention.py); "
                 "flash and memory-efficient SDPA are used")
-    return False

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from library.config.train_config import RunConfig
 from library.errors import UserError
-from library.models.lowvram import move_to_device_except
+from library.models.lowvram import place_module
 from library.train import checkpoint as ckpt
 from library.train.attention import configure_training_attention
 from library.train.batch_inputs import batch_latents, batch_text
@@ -66,10 +66,7 @@ def prepare_base_models(cfg: RunConfig, family: ModelFamily, models: dict[str, A
     kept_off = family.modules_kept_off_device(models, cfg)
     for module, dtype in [(models["vae"], vae_dtype), (denoiser, weight_dtype)] + \
             [(te, weight_dtype) for te in models.get("text_encoders") or []]:
-        # cast where the weights are (the CPU) before moving: the device never holds an fp32 copy of the model
-        if dtype != torch.float32:
-            module.to(dtype)
-        move_to_device_except(module, device, kept_off if module is denoiser else [])
+        place_module(module, device, None if dtype == torch.float32 else dtype, kept_off if module is denoiser else ())
     if cfg.training.xformers:
         try:
             denoiser.enable_xformers_memory_efficient_attention()
