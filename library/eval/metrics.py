@@ -15,7 +15,7 @@ import contextlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -199,6 +199,18 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + batch_size))
 
 
+def _embed_image_batches(images: Sequence[np.ndarray], batch_size: int, image_processor: Any, model: Any,
+                         embed: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Preprocess in batches, move the pixels to the model's device and dtype, and stack the float32 embeddings
+    (one row per image) on the CPU."""
+    rows = []
+    pil = _to_pil(images)
+    for part in _batches(len(pil), batch_size):
+        pixels = image_processor(images=pil[part], return_tensors="pt")["pixel_values"]
+        rows.append(embed(pixels.to(model.device, dtype=model.dtype)).float().cpu())
+    return torch.cat(rows) if rows else torch.empty(0, 0)
+
+
 def _load_local(path: str | os.PathLike, flag: str, what: str, processor_cls: Any,
                 model_cls: Any) -> tuple[Any, Any]:
     """A processor and a model from a local folder only; a failure is one message naming the flag and the path."""
@@ -228,14 +240,8 @@ class DinoEmbedder:
 
     @torch.no_grad()
     def embed_images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        rows = []
-        pil = _to_pil(images)
-        for part in _batches(len(pil), self.batch_size):
-            inputs = self.processor(images=pil[part], return_tensors="pt")
-            pixels = inputs["pixel_values"].to(self.device, dtype=self.model.dtype)
-            hidden = self.model(pixel_values=pixels).last_hidden_state
-            rows.append(hidden[:, 0].float().cpu())
-        return torch.cat(rows) if rows else torch.empty(0, 0)
+        return _embed_image_batches(images, self.batch_size, self.processor, self.model,
+                                    lambda pixels: self.model(pixel_values=pixels).last_hidden_state[:, 0])
 
 
 class ClipEmbedder:
@@ -259,14 +265,10 @@ class ClipEmbedder:
 
     @torch.no_grad()
     def embed_images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        rows = []
-        pil = _to_pil(images)
-        for part in _batches(len(pil), self.batch_size):
-            inputs = self.processor.image_processor(images=pil[part], return_tensors="pt")
-            pixels = inputs["pixel_values"].to(self.device, dtype=self.model.dtype)
-            out = self.model.get_image_features(pixel_values=pixels)
-            rows.append(_features(out, ("image_embeds", "pooler_output")).float().cpu())
-        return torch.cat(rows) if rows else torch.empty(0, 0)
+        return _embed_image_batches(
+            images, self.batch_size, self.processor.image_processor, self.model,
+            lambda pixels: _features(self.model.get_image_features(pixel_values=pixels),
+                                     ("image_embeds", "pooler_output")))
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
