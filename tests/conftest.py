@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny SDXL models in both on-disk formats and small generated datasets, built once per session."""
+"""Shared fixtures: tiny SDXL and FLUX models in both on-disk formats and small generated datasets, built once per
+session; small helpers the tests share."""
 from __future__ import annotations
 
 import os
@@ -29,6 +30,43 @@ def tiny_sdxl_folder(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("models") / "tiny_sdxl_diffusers"
     save_tiny_sdxl(str(path), "diffusers", seed=0)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_single(tmp_path_factory) -> str:
+    """The tiny FLUX as users pass it: a folder of BFL-layout single files (+ tokenizers)."""
+    from library.models.tiny_flux import save_tiny_flux
+
+    return save_tiny_flux(str(tmp_path_factory.mktemp("flux") / "single"), "single_file", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_diffusers(tmp_path_factory) -> str:
+    from library.models.tiny_flux import save_tiny_flux
+
+    return save_tiny_flux(str(tmp_path_factory.mktemp("flux") / "diffusers"), "diffusers", seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest single-threaded (thread hand-offs dominate, worse on a busy 2-core machine). Request
+    it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def randomize_lora_up(network, seed: int, scale: float) -> None:
+    """Random nonzero `up` weights (a fresh LoRA's are zero), so that the network changes the model's output."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lora in network.loras:
+            lora.lora_up.weight.copy_(torch.randn(lora.lora_up.weight.shape, generator=g) * scale)
 
 
 def write_toml(path: Path, text: str) -> str:

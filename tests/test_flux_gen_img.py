@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_script
+from conftest import randomize_lora_up, run_script
 from library.cli import run_main
 from library.sample.flux_generate import FluxGenerationConfig, FluxOptions, run_flux_generation
 from library.sample.png_metadata import read_png_info
@@ -20,23 +20,13 @@ STEPS = 2
 
 
 @pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory) -> str:
-    from library.models.tiny_flux import save_tiny_flux
-
-    return save_tiny_flux(str(tmp_path_factory.mktemp("flux") / "single"), "single_file", seed=0)
-
-
-@pytest.fixture(scope="module")
 def flux_lora(tmp_path_factory) -> str:
     from library.models.tiny_flux import build_tiny_flux
     from networks.lora_flux import create_network
 
     m = build_tiny_flux(0)
     net = create_network(1.0, 4, 4.0, m.ae, [m.clip_l, m.t5], m.transformer)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for lora in net.loras:
-            lora.lora_up.weight.copy_(torch.randn(lora.lora_up.weight.shape, generator=gen) * 0.5)
+    randomize_lora_up(net, seed=3, scale=0.5)
     path = tmp_path_factory.mktemp("nets") / "flux_lora.safetensors"
     net.save_weights(str(path))
     return str(path)
@@ -57,11 +47,11 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(a - b).max())
 
 
-def test_cli_writes_pngs_with_metadata(tmp_path, tiny_flux):
+def test_cli_writes_pngs_with_metadata(tmp_path, tiny_flux_single):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a {red|green|blue} circle --l 2.5\na square --d 42\n")
     out = tmp_path / "out"
-    r = run_script("flux_gen_img.py", "--pretrained_model_name_or_path", tiny_flux, "--outdir", str(out),
+    r = run_script("flux_gen_img.py", "--pretrained_model_name_or_path", tiny_flux_single, "--outdir", str(out),
                    "--from_file", str(prompts), "--images_per_prompt", "2", "--batch_size", "2", "--W", "64",
                    "--H", "64", "--steps", "2", "--guidance_scale", "4", "--seed", "3", "--device", "cpu",
                    "--t5xxl_max_token_length", "16")
@@ -77,9 +67,9 @@ def test_cli_writes_pngs_with_metadata(tmp_path, tiny_flux):
     assert max_diff(arr[0], arr[1]) > 0  # different seeds, different images
 
 
-def test_lora_multiplier_zero_is_base_one_changes(tmp_path, tiny_flux, flux_lora):
+def test_lora_multiplier_zero_is_base_one_changes(tmp_path, tiny_flux_single, flux_lora):
     def gen(name, prompts=("a red circle",), **kw):
-        return pixels(run_flux_generation(fcfg(tiny_flux, tmp_path / name, list(prompts), **kw)))[0]
+        return pixels(run_flux_generation(fcfg(tiny_flux_single, tmp_path / name, list(prompts), **kw)))[0]
 
     base = gen("base")
     zero = gen("zero", networks=[NetworkSpec("networks.lora_flux", flux_lora, 0.0)])
@@ -101,13 +91,13 @@ def _control_images(root: Path) -> list[str]:
     return [str(a), str(b)]
 
 
-def test_kontext_follows_control_image_and_takes_its_size(tmp_path, tiny_flux):
+def test_kontext_follows_control_image_and_takes_its_size(tmp_path, tiny_flux_single):
     a, b = _control_images(tmp_path / "ctrl")
     folder = str(Path(a).parent)
 
     def gen(name, control, **kw):
         options = FluxOptions(t5xxl_max_token_length=16, control_image=control, **kw)
-        return run_flux_generation(fcfg(tiny_flux, tmp_path / name, ["make it blue"], options))
+        return run_flux_generation(fcfg(tiny_flux_single, tmp_path / name, ["make it blue"], options))
 
     both = gen("both", folder)  # one prompt line, every image of the folder
     assert len(both) == 2
@@ -115,7 +105,7 @@ def test_kontext_follows_control_image_and_takes_its_size(tmp_path, tiny_flux):
     assert img_a.shape == (80, 96, 3)  # the control image's size, not --W/--H's 64x64
     only_a = pixels(gen("a", a))[0]
     assert max_diff(only_a, img_a) == 0  # image 0 of both runs: same seed, same control
-    swapped = pixels(run_flux_generation(fcfg(tiny_flux, tmp_path / "b0", ["make it blue --cn " + b],
+    swapped = pixels(run_flux_generation(fcfg(tiny_flux_single, tmp_path / "b0", ["make it blue --cn " + b],
                                               FluxOptions(t5xxl_max_token_length=16))))[0]
     assert swapped.shape == (80, 96, 3)
     # same seed (image 0), other control image -> another output (a random tiny model reacts weakly, but it reacts)
@@ -131,10 +121,10 @@ def _main(argv):
     return run_main(main, argv)
 
 
-def test_gpu_only_flags_and_bad_input_are_clear_errors(tmp_path, capsys, tiny_flux):
+def test_gpu_only_flags_and_bad_input_are_clear_errors(tmp_path, capsys, tiny_flux_single):
     if torch.cuda.is_available():
         pytest.skip("checks the CPU message")
-    base = ["--ckpt", tiny_flux, "--outdir", str(tmp_path / "o"), "--prompt", "a cat", "--W", "64", "--H", "64"]
+    base = ["--ckpt", tiny_flux_single, "--outdir", str(tmp_path / "o"), "--prompt", "a cat", "--W", "64", "--H", "64"]
     assert _main(base + ["--blocks_to_swap", "4"]) == 1  # --fp8_base works on the CPU (tests/test_flux_lowvram.py)
     err = capsys.readouterr().err
     assert "--blocks_to_swap needs a CUDA GPU" in err and "Traceback" not in err

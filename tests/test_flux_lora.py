@@ -9,13 +9,8 @@ from safetensors.torch import load_file
 
 from library.errors import ConfigError, ModelLoadError
 from library.models import flux_keys
-from library.models.tiny_flux import build_tiny_flux, save_tiny_flux
+from library.models.tiny_flux import build_tiny_flux
 from networks import lora_flux
-
-
-@pytest.fixture(scope="module")
-def tiny_flux_diffusers(tmp_path_factory) -> str:
-    return save_tiny_flux(str(tmp_path_factory.mktemp("flux") / "diffusers"), "diffusers", seed=0)
 
 
 def transformer_inputs(seed: int = 0) -> dict:

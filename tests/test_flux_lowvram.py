@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import build_shapes_dataset, run_script  # noqa: E402
+from conftest import build_shapes_dataset, randomize_lora_up, run_script  # noqa: E402
 
 from library.errors import UserError  # noqa: E402
 from library.models.lowvram import BlockSwapper, Fp8Linear, apply_fp8_linear, linear_weight_bytes  # noqa: E402
@@ -100,10 +100,7 @@ def _lora_model(tiny):
     tr = copy.deepcopy(tiny.transformer).requires_grad_(False)
     net = create_network(1.0, 4, 4.0, tiny.ae, [tiny.clip_l, tiny.t5], tr)
     net.apply_to([tiny.clip_l, tiny.t5], tr, apply_text_encoder=False, apply_unet=True)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for lora in net.loras:
-            lora.lora_up.weight.copy_(torch.randn(lora.lora_up.weight.shape, generator=g) * 0.1)
+    randomize_lora_up(net, seed=5, scale=0.1)
     tr.enable_gradient_checkpointing()
     tr.train()
     return tr, net
@@ -219,13 +216,6 @@ def test_flux_training_with_blocks_to_swap_gives_the_same_losses_on_cuda(tmp_pat
 
 
 # ------------------------------------------------------------------------------------------------- scripts
-@pytest.fixture(scope="module")
-def tiny_flux_single(tmp_path_factory) -> str:
-    from library.models.tiny_flux import save_tiny_flux
-
-    return save_tiny_flux(str(tmp_path_factory.mktemp("flux") / "single"), "single_file", seed=0)
-
-
 def test_flux_train_network_with_fp8_base_trains_the_lora(tmp_path, tiny_flux_single):
     from test_flux_train import flux_toml
 

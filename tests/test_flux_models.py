@@ -12,19 +12,9 @@ from safetensors.torch import load_file, save_file
 from library.errors import ModelLoadError
 from library.models import flux_keys
 from library.models.flux_loader import load_flux_files
-from library.models.tiny_flux import build_tiny_flux, save_tiny_flux
+from library.models.tiny_flux import build_tiny_flux
 
 PARTS = ("transformer", "ae", "clip_l", "t5")
-
-
-@pytest.fixture(scope="module")
-def tiny_flux_single(tmp_path_factory) -> str:
-    return save_tiny_flux(str(tmp_path_factory.mktemp("flux") / "single"), "single_file", seed=0)
-
-
-@pytest.fixture(scope="module")
-def tiny_flux_diffusers(tmp_path_factory) -> str:
-    return save_tiny_flux(str(tmp_path_factory.mktemp("flux") / "diffusers"), "diffusers", seed=0)
 
 
 def _assert_same_weights(a, b) -> None:

@@ -23,13 +23,6 @@ REGRESSION_FILE = REPO / "tests" / "data" / "loss_regression_flux_lora.json"
 REGRESSION_STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def tiny_flux_single(tmp_path_factory) -> str:
-    from library.models.tiny_flux import save_tiny_flux
-
-    return save_tiny_flux(str(tmp_path_factory.mktemp("flux") / "single"), "single_file", seed=0)
-
-
 def flux_toml(tmp_path: Path, model: str, dataset_config: str, name: str = "run", **extra) -> str:
     values = dict(pretrained_model_name_or_path=model, dataset_config=dataset_config, output_dir=str(tmp_path / "out"),
                   output_name="lora", network_module="networks.lora_flux", network_dim=4, network_alpha=4.0,

@@ -63,13 +63,7 @@ def published_shapes(cond: int, net: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny U-Net's ops are too small to gain from threads; on a busy 2-core machine threads only thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,17 +13,12 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from conftest import randomize_lora_up
 from library.models.tiny_configs import TINY_SDXL_TE1, TINY_SDXL_TE2, TINY_SDXL_UNET, TINY_SDXL_VAE
 from networks.lora import create_network
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded (thread hand-offs dominate, worse on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_tokenizer(folder) -> CLIPTokenizer:
@@ -68,10 +63,7 @@ def test_diffusers_load_lora_weights_matches_our_network(tmp_path, conv):
     kwargs = {"conv_dim": "2", "conv_alpha": "1"} if conv else {}
     net = create_network(1.0, 4, 2, None, [te1, te2], unet, **kwargs)
     net.apply_to([te1, te2], unet)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in net.loras:
-            m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=g) * 0.1)
+    randomize_lora_up(net, seed=1, scale=0.1)
     ours = outputs(te1, te2, unet)
     for k in base:  # the LoRA really changes every output, so the comparison below is meaningful
         assert not torch.allclose(base[k], ours[k], atol=1e-4), k

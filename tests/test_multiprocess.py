@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,15 +62,8 @@ TRAINERS = {
     "sdxl_lora": ("sdxl_train_network.py", _sdxl_run, "tiny_sdxl_file", {}),
     "sdxl_lllite": ("sdxl_train_control_net_lllite.py", _sdxl_run, "tiny_sdxl_file",
                     {"network_module": "networks.control_net_lllite", "network_dim": 8, "cond_emb_dim": 8}),
-    "flux_lora": ("flux_train_network.py", _flux_run, "tiny_flux_model", {}),
+    "flux_lora": ("flux_train_network.py", _flux_run, "tiny_flux_single", {}),
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_flux_model(tmp_path_factory) -> str:
-    from library.models.tiny_flux import save_tiny_flux
-
-    return save_tiny_flux(str(tmp_path_factory.mktemp("flux") / "single"), "single_file", seed=0)
 
 
 def _torchrun(tmp_path, script: str, cfg: str, port: int) -> subprocess.CompletedProcess:
@@ -149,7 +141,7 @@ def _accelerate_env(config_file: Path) -> dict[str, str]:
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
                     reason="torchrun not installed")
-def test_fsdp_config_shards_the_flux_transformer_and_trains_like_one_process(tmp_path, tiny_flux_model):
+def test_fsdp_config_shards_the_flux_transformer_and_trains_like_one_process(tmp_path, tiny_flux_single):
     """The shipped FSDP config: each process holds half the frozen transformer, and the LoRA (replicated) comes out
     as from one process with twice the batch, saved once in the kohya layout."""
     env = _accelerate_env(REPO / "configs" / "accelerate" / "fsdp_flux_lora.yaml")
@@ -157,11 +149,11 @@ def test_fsdp_config_shards_the_flux_transformer_and_trains_like_one_process(tmp
     common = dict(max_train_steps=3, learning_rate=1e-3, mixed_precision="no", save_state=True,
                   sample_prompts=str(write_toml(tmp_path / "prompts.txt", "a red circle --w 64 --h 64 --s 2 --d 5\n")),
                   sample_every_n_steps=3)
-    one = _flux_run(tmp_path, tiny_flux_model, _dataset(tmp_path, 4), "one", **common)
+    one = _flux_run(tmp_path, tiny_flux_single, _dataset(tmp_path, 4), "one", **common)
     r = run_script("flux_train_network.py", "--config_file", one)
     assert r.returncode == 0, r.stderr[-3000:]
 
-    two = _flux_run(tmp_path, tiny_flux_model, _dataset(tmp_path, 2), "two", **common)
+    two = _flux_run(tmp_path, tiny_flux_single, _dataset(tmp_path, 2), "two", **common)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29561",
                         str(REPO / "flux_train_network.py"), "--config_file", two], cwd=str(tmp_path),

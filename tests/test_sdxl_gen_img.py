@@ -5,7 +5,6 @@ subprocess where the user-visible contract matters (files written, error output)
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_script
+from conftest import randomize_lora_up, run_script
 from library.cli import run_main
 from library.sample.png_metadata import read_png_info
 from library.sample.prompts import parse_prompt_line
@@ -48,10 +47,7 @@ def lora_file(tmp_path_factory) -> str:
 
     m = build_tiny_sdxl(0)
     net = create_network(1.0, 4, 4.0, m.vae, [m.text_encoder1, m.text_encoder2], m.unet)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for lora in net.loras:
-            lora.lora_up.weight.copy_(torch.randn(lora.lora_up.weight.shape, generator=gen) * 0.5)
+    randomize_lora_up(net, seed=3, scale=0.5)
     path = tmp_path_factory.mktemp("nets") / "lora.safetensors"
     net.save_weights(str(path))
     return str(path)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import randomize_lora_up
 from library.errors import UserError
 from library.synth import pipeline, training
 from test_synthesize import make_inputs, options, read_jsonl, tiny_depth_model
@@ -43,10 +44,7 @@ def tiny_flux(tmp_path_factory) -> dict[str, str]:
     out["controlnet"] = str(root / "cn")
     m = build_tiny_flux(0)
     net = create_network(1.0, 4, 4.0, m.ae, [m.clip_l, m.t5], m.transformer)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for lora in net.loras:
-            lora.lora_up.weight.copy_(torch.randn(lora.lora_up.weight.shape, generator=gen) * 0.5)
+    randomize_lora_up(net, seed=3, scale=0.5)
     net.save_weights(str(root / "lora.safetensors"))
     out["lora"] = str(root / "lora.safetensors")
     return out
