@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from library.errors import ModelLoadError
 from library.models.sdxl_loader import CONFIG_METADATA_KEY, SDXLModels, load_sdxl, save_sdxl_single_file
-from library.models.tiny import build_tiny_sdxl, save_tiny_sdxl, sdxl_scheduler
+from library.models.tiny import build_tiny_sdxl, sdxl_scheduler
 from library.models.tokenizers import load_sdxl_tokenizers
 
 PARTS = ("unet", "vae", "text_encoder1", "text_encoder2")
@@ -21,16 +21,6 @@ PARTS = ("unet", "vae", "text_encoder1", "text_encoder2")
 @pytest.fixture(scope="module")
 def reference() -> SDXLModels:
     return build_tiny_sdxl(seed=0)
-
-
-@pytest.fixture(scope="module")
-def single_file(tmp_path_factory) -> str:
-    return save_tiny_sdxl(str(tmp_path_factory.mktemp("sf") / "tiny.safetensors"), "single_file", seed=0)
-
-
-@pytest.fixture(scope="module")
-def diffusers_dir(tmp_path_factory) -> str:
-    return save_tiny_sdxl(str(tmp_path_factory.mktemp("df") / "tiny"), "diffusers", seed=0)
 
 
 def _assert_same_weights(a: SDXLModels, b: SDXLModels) -> None:
@@ -46,8 +36,8 @@ def _plain(config) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(config).items() if not k.startswith("_")}
 
 
-def test_single_file_has_official_key_names(single_file):
-    with safe_open(single_file, "pt") as f:
+def test_single_file_has_official_key_names(tiny_sdxl_file):
+    with safe_open(tiny_sdxl_file, "pt") as f:
         keys = set(f.keys())
         assert json.loads(f.metadata()[CONFIG_METADATA_KEY])["unet"]["norm_num_groups"] == 16
     for key in (
@@ -66,12 +56,12 @@ def test_single_file_has_official_key_names(single_file):
     ):
         assert key in keys, key
     assert not any(k.startswith(("model.diffusion_model.down_blocks", "first_stage_model.encoder.down_blocks")) for k in keys)
-    q = load_file(single_file)["first_stage_model.encoder.mid.attn_1.q.weight"]
+    q = load_file(tiny_sdxl_file)["first_stage_model.encoder.mid.attn_1.q.weight"]
     assert q.shape == (32, 32, 1, 1)  # LDM's 1x1 conv layout
 
 
-def test_single_file_round_trip_is_bit_identical(reference, single_file):
-    loaded = load_sdxl(single_file)
+def test_single_file_round_trip_is_bit_identical(reference, tiny_sdxl_file):
+    loaded = load_sdxl(tiny_sdxl_file)
     _assert_same_weights(reference, loaded)
     assert _plain(loaded.unet.config) == _plain(reference.unet.config)
     assert _plain(loaded.vae.config) == _plain(reference.vae.config)
@@ -89,16 +79,16 @@ def test_save_and_reload_single_file_keeps_tensors_and_metadata(reference, tmp_p
     _assert_same_weights(reference, load_sdxl(str(path)))
 
 
-def test_diffusers_folder_loads_same_weights(reference, diffusers_dir):
+def test_diffusers_folder_loads_same_weights(reference, tiny_sdxl_folder):
     for sub in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
-        assert os.path.isdir(os.path.join(diffusers_dir, sub)), sub
-    loaded = load_sdxl(diffusers_dir)
+        assert os.path.isdir(os.path.join(tiny_sdxl_folder, sub)), sub
+    loaded = load_sdxl(tiny_sdxl_folder)
     _assert_same_weights(reference, loaded)  # same seed -> same weights in both formats
     assert loaded.tokenizer2.pad_token == "!"
 
 
-def test_diffusers_pipeline_from_pretrained_loads_folder(reference, diffusers_dir):
-    pipe = StableDiffusionXLPipeline.from_pretrained(diffusers_dir)
+def test_diffusers_pipeline_from_pretrained_loads_folder(reference, tiny_sdxl_folder):
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_folder)
     assert torch.equal(pipe.unet.conv_in.weight, reference.unet.conv_in.weight)
     assert pipe.scheduler.config.beta_schedule == "scaled_linear"
     assert pipe.scheduler.config.num_train_timesteps == 1000
@@ -111,8 +101,8 @@ def test_different_seed_gives_different_weights():
     assert torch.equal(a.unet.conv_in.weight, build_tiny_sdxl(seed=0).unet.conv_in.weight)
 
 
-def test_pipeline_runs_on_loaded_single_file(single_file):
-    m = load_sdxl(single_file)
+def test_pipeline_runs_on_loaded_single_file(tiny_sdxl_file):
+    m = load_sdxl(tiny_sdxl_file)
     pipe = StableDiffusionXLPipeline(
         vae=m.vae, text_encoder=m.text_encoder1, text_encoder_2=m.text_encoder2, tokenizer=m.tokenizer1,
         tokenizer_2=m.tokenizer2, unet=m.unet, scheduler=sdxl_scheduler(),
@@ -124,9 +114,9 @@ def test_pipeline_runs_on_loaded_single_file(single_file):
     assert torch.isfinite(torch.from_numpy(out.images)).all()
 
 
-def test_missing_keys_are_named_and_counted(single_file, tmp_path):
-    sd = load_file(single_file)
-    with safe_open(single_file, "pt") as f:
+def test_missing_keys_are_named_and_counted(tiny_sdxl_file, tmp_path):
+    sd = load_file(tiny_sdxl_file)
+    with safe_open(tiny_sdxl_file, "pt") as f:
         meta = f.metadata()
     dropped = [
         "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",
@@ -145,8 +135,8 @@ def test_missing_keys_are_named_and_counted(single_file, tmp_path):
         assert key in message
 
 
-def test_missing_structural_key_names_it(single_file, tmp_path):
-    sd = load_file(single_file)
+def test_missing_structural_key_names_it(tiny_sdxl_file, tmp_path):
+    sd = load_file(tiny_sdxl_file)
     del sd["model.diffusion_model.input_blocks.0.0.weight"]
     bad = tmp_path / "no_conv_in.safetensors"
     save_file(sd, str(bad))
@@ -154,9 +144,9 @@ def test_missing_structural_key_names_it(single_file, tmp_path):
         load_sdxl(str(bad))
 
 
-def test_file_without_config_metadata_loads_with_inferred_config(reference, single_file, tmp_path):
+def test_file_without_config_metadata_loads_with_inferred_config(reference, tiny_sdxl_file, tmp_path):
     plain = tmp_path / "plain.safetensors"
-    save_file(load_file(single_file), str(plain))  # no metadata: shapes + SDXL defaults
+    save_file(load_file(tiny_sdxl_file), str(plain))  # no metadata: shapes + SDXL defaults
     loaded = load_sdxl(str(plain))
     _assert_same_weights(reference, loaded)
     assert list(loaded.unet.config.block_out_channels) == [32, 64, 64]
@@ -180,9 +170,9 @@ def test_wrong_family_is_refused(tmp_path, keys, expected):
     assert str(path) in str(info.value) and expected in str(info.value)
 
 
-def test_pickle_checkpoint_needs_allow_pickle(reference, single_file, tmp_path):
+def test_pickle_checkpoint_needs_allow_pickle(reference, tiny_sdxl_file, tmp_path):
     ckpt = tmp_path / "tiny.ckpt"
-    torch.save({"state_dict": load_file(single_file)}, str(ckpt))
+    torch.save({"state_dict": load_file(tiny_sdxl_file)}, str(ckpt))
     with pytest.raises(ModelLoadError, match="--allow_pickle"):
         load_sdxl(str(ckpt))
     loaded = load_sdxl(str(ckpt), allow_pickle=True)  # no metadata: inferred config, same tensors
@@ -203,7 +193,8 @@ def test_bad_paths(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["single_file", "diffusers"])
 def test_dtype_is_applied(fmt, request):
-    loaded = load_sdxl(request.getfixturevalue("single_file" if fmt == "single_file" else "diffusers_dir"), dtype=torch.bfloat16)
+    loaded = load_sdxl(request.getfixturevalue("tiny_sdxl_file" if fmt == "single_file" else "tiny_sdxl_folder"),
+                       dtype=torch.bfloat16)
     for part in PARTS:
         assert all(p.dtype == torch.bfloat16 for p in getattr(loaded, part).parameters()), part
 

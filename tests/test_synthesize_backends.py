@@ -29,14 +29,14 @@ def _pixels(path: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory) -> dict[str, str]:
+def tiny_flux(tmp_path_factory, tiny_flux_single) -> dict[str, str]:
     from diffusers import FluxControlNetModel
 
-    from library.models.tiny_flux import TINY_FLUX_TRANSFORMER, build_tiny_flux, save_tiny_flux
+    from library.models.tiny_flux import TINY_FLUX_TRANSFORMER, build_tiny_flux
     from networks.lora_flux import create_network
 
     root = tmp_path_factory.mktemp("flux")
-    out = {"model": save_tiny_flux(str(root / "single"), "single_file", seed=0)}
+    out = {"model": tiny_flux_single}
     torch.manual_seed(0)
     cn = FluxControlNetModel(**{**TINY_FLUX_TRANSFORMER, "num_layers": 1, "num_single_layers": 1})
     _randomise(cn, 5, ("controlnet_x_embedder", "controlnet_blocks", "controlnet_single_blocks"))
