@@ -89,7 +89,7 @@ def add_controlnet_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
     for add in (add_model_args, add_prompt_args, add_image_args, add_batch_args, add_network_args, add_lllite_args,
                 add_controlnet_args):
         add(p)
