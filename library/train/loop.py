@@ -153,9 +153,8 @@ def build_session(cfg: RunConfig) -> Session:
     optimizer = build_optimizer(params, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps)
     # only the optimizer goes through accelerate (mixed-precision scaling); the scheduler steps once per optimizer
-    # step whatever the process count, and both are saved with the state for --resume
+    # step whatever the process count. --save_state writes both itself, without pickle (library/train/checkpoint.py)
     optimizer = accelerator.prepare(optimizer)
-    accelerator.register_for_checkpointing(network.module, scheduler)
     return Session(cfg, family, accelerator, models, network, datasets, optimizer, scheduler, text_cache,
                    weight_dtype, total_steps, batches_per_epoch, sharded)
 
@@ -254,7 +253,7 @@ class Trainer:
         return path
 
     def save_state(self, dir_name: str) -> None:
-        ckpt.save_state(self.s.accelerator, self.state, os.path.join(self.s.cfg.save.output_dir, dir_name))
+        ckpt.save_state(self.s, self.state, os.path.join(self.s.cfg.save.output_dir, dir_name))
 
     def sample(self) -> None:
         from library.train.sampling import sample_during_training
@@ -318,7 +317,7 @@ class Trainer:
         cfg = s.cfg
         acc = s.accelerator
         if cfg.save.resume:
-            self.state = ckpt.load_state(acc, cfg.save.resume, s.batches_per_epoch)
+            self.state = ckpt.load_state(s, cfg.save.resume)
             acc.print(f"resumed from {cfg.save.resume} at step {self.state.global_step}, epoch "
                       f"{self.state.epoch + 1}, batch {self.state.batch_in_epoch}")
         if acc.is_main_process and acc.log_with:
