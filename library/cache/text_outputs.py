@@ -1,13 +1,17 @@
 """Cached text-encoder outputs, for any model family (the encode function decides what is stored).
 
 Disk layout: `<cache_dir>/<sha256(encoder_id NUL caption)[:32]>.te.safetensors`, one file per distinct caption,
-with the caption and encoder identity in the metadata (checked on load, so a hash collision or a reused folder
-cannot serve another caption's embedding). A caption that changes per epoch (shuffle, dropout) cannot be cached,
-which `check_compatible` refuses up front.
+with the caption and encoder identity in the metadata. The encoder identity covers what changes the outputs for one
+caption: the weights of every encoder, the tokenizers, and the family's settings such as the maximum token length
+(see library.cache.provenance.text_identity). The metadata is checked on every read, not only at start-up: a file
+that is missing, unreadable (damaged, or a hostile header) or made for another caption or encoder is re-encoded and
+rewritten, never used. A caption that changes per epoch (shuffle, dropout) cannot be cached, which
+`check_compatible` refuses up front.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from typing import Callable, Iterable, Literal
 
@@ -18,6 +22,8 @@ from library.cache.storage import CacheCorrupt, load_tensors, read_metadata, sav
 from library.data.captions import caption_ops_active
 from library.data.types import SubsetConfig
 from library.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
 TextEncodeFn = Callable[[list[str]], dict[str, torch.Tensor]]
@@ -43,6 +49,9 @@ class TextOutputCache:
             raise ValueError("a disk text-encoder cache needs a cache_dir")
         self.encoder_id, self.mode, self.cache_dir = encoder_id, mode, cache_dir
         self._memory: dict[str, dict[str, torch.Tensor]] = {}
+        self._encode_fn: TextEncodeFn | None = None
+        self._known: set[str] = set()  # the captions ensure() was given: the only ones get() may re-encode
+        self.rebuilt_on_read = 0  # files found unusable when read during training (then re-encoded)
 
     check_compatible = staticmethod(check_compatible)
 
@@ -53,36 +62,59 @@ class TextOutputCache:
     def _metadata(self, caption: str) -> dict[str, str]:
         return {"format_version": FORMAT_VERSION, "encoder_id": self.encoder_id, "caption": caption}
 
-    def _is_valid(self, caption: str) -> bool:
+    def _problem(self, caption: str) -> str | None:
+        """Why the cached output of `caption` cannot be used (None: it can)."""
         if self.mode == "memory":
-            return caption in self._memory
+            return None if caption in self._memory else "missing"
         path = self.path_for(caption)
         if not os.path.exists(path):
-            return False
+            return "missing"
         try:
-            return read_metadata(path) == self._metadata(caption)
+            found = read_metadata(path)
         except CacheCorrupt:
-            return False
+            return "unreadable"
+        return None if found == self._metadata(caption) else "made for another caption or encoder"
+
+    def _is_valid(self, caption: str) -> bool:
+        return self._problem(caption) is None
 
     def ensure(self, captions: list[str], encode_fn: TextEncodeFn, batch_size: int, progress: bool = True,
                shard: tuple[int, int] = (0, 1)) -> int:
         """Encode the captions not yet cached (validly); returns how many were encoded. `encode_fn` returns tensors
-        whose first dimension is the batch. `shard=(rank, world)` encodes only every world-th caption (disk mode,
-        several processes: each writes a disjoint share, then all read)."""
+        whose first dimension is the batch, and is kept for re-encoding a file found stale when read.
+        `shard=(rank, world)` encodes only every world-th caption (disk mode, several processes: each writes a
+        disjoint share, then all read)."""
         rank, world = shard
-        todo = [c for i, c in enumerate(dict.fromkeys(captions)) if i % world == rank and not self._is_valid(c)]
+        self._encode_fn = encode_fn
+        self._known.update(captions)
+        todo, stale = [], 0
+        for i, caption in enumerate(dict.fromkeys(captions)):
+            if i % world != rank:
+                continue
+            problem = self._problem(caption)
+            if problem is not None:
+                todo.append(caption)
+                stale += problem != "missing"
+        if stale:
+            logger.warning("text-encoder cache: rebuilding %d file(s) in %s that cannot be used (unreadable or made "
+                           "for another caption or encoder)", stale, self.cache_dir)
         for k in tqdm(range(0, len(todo), batch_size), desc="caching text encoder outputs",
                       disable=not progress or not todo):
-            chunk = todo[k:k + batch_size]
-            with torch.no_grad():
-                outputs = encode_fn(chunk)
-            for j, caption in enumerate(chunk):
-                tensors = {name: t[j].detach().cpu().clone() for name, t in outputs.items()}
-                if self.mode == "memory":
-                    self._memory[caption] = tensors
-                else:
-                    save_tensors_atomic(self.path_for(caption), tensors, self._metadata(caption))
+            self._encode(todo[k:k + batch_size], encode_fn)
         return len(todo)
+
+    def _encode(self, chunk: list[str], encode_fn: TextEncodeFn) -> dict[str, dict[str, torch.Tensor]]:
+        with torch.no_grad():
+            outputs = encode_fn(chunk)
+        written = {}
+        for j, caption in enumerate(chunk):
+            tensors = {name: t[j].detach().cpu().clone() for name, t in outputs.items()}
+            if self.mode == "memory":
+                self._memory[caption] = tensors
+            else:
+                save_tensors_atomic(self.path_for(caption), tensors, self._metadata(caption))
+            written[caption] = tensors
+        return written
 
     def get(self, caption: str) -> dict[str, torch.Tensor]:
         if self.mode == "memory":
@@ -90,9 +122,17 @@ class TextOutputCache:
                 raise KeyError(f"caption not in the text-encoder cache (run ensure first): {caption!r}")
             return self._memory[caption]
         path = self.path_for(caption)
-        if not os.path.exists(path):
+        problem = None
+        try:
+            tensors, metadata = load_tensors(path)
+            if metadata != self._metadata(caption):
+                problem = "made for another caption or encoder"
+        except CacheCorrupt:
+            problem = "missing" if not os.path.exists(path) else "unreadable"
+        if problem is None:
+            return tensors
+        if self._encode_fn is None or caption not in self._known:
             raise KeyError(f"caption not in the text-encoder cache {self.cache_dir} (run ensure first): {caption!r}")
-        tensors, metadata = load_tensors(path)
-        if metadata != self._metadata(caption):
-            raise CacheCorrupt(f"{path}: cache file belongs to another caption or encoder; delete it")
-        return tensors
+        logger.warning("text-encoder cache: %s is %s; re-encoding it", path, problem)
+        self.rebuilt_on_read += 1
+        return self._encode([caption], self._encode_fn)[caption]

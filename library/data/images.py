@@ -7,7 +7,10 @@ as a loss mask, and HEIC/HEIF files from phones open like any other format.
 """
 from __future__ import annotations
 
+import logging
 import random
+import struct
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,9 +35,24 @@ CropMode = Literal["center", "random"]
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION_TAG = 0x0112
 
+logger = logging.getLogger(__name__)
+
 
 class ImageLoadError(UserError):
     """An image file cannot be read or decoded; the message names the file."""
+
+
+# What a damaged or hostile file can make Pillow's decoders raise: truncation gives OSError or EOFError, broken
+# headers ValueError, SyntaxError, struct.error or IndexError, odd modes TypeError. Caught only around decoding one
+# user file, where each of them means "this file is bad".
+_DECODE_ERRORS = (OSError, EOFError, UnidentifiedImageError, ValueError, SyntaxError, TypeError, IndexError,
+                  ZeroDivisionError, struct.error)
+
+
+def _bomb_error(path: str, e: Exception) -> ImageLoadError:
+    return ImageLoadError(
+        f"{path}: refused as a possible decompression bomb ({e}); if the image is genuine, downscale it (training "
+        f"resizes every image to a bucket of at most max_bucket_reso anyway), or remove it from the dataset")
 
 
 @dataclass
@@ -70,12 +88,18 @@ def load_image(path: str, alpha_mask: bool = False) -> LoadedImage:
     """Decode `path` to RGB uint8, upright. With `alpha_mask`, the alpha channel is returned as the loss mask and
     the colour channels are left as stored; without it, transparency is composited on white."""
     try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            img.load()
-            img = _to_rgba_or_rgb(img)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise ImageLoadError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+        with warnings.catch_warnings():
+            # image_size() already said so once, when the dataset was built; not again every epoch
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img = ImageOps.exif_transpose(img)
+                img.load()
+                img = _to_rgba_or_rgb(img)
+    except Image.DecompressionBombError as e:
+        raise _bomb_error(path, e) from None
+    except _DECODE_ERRORS as e:
+        raise ImageLoadError(f"{path}: cannot decode image, the file may be truncated or damaged "
+                             f"({type(e).__name__}: {e}); replace or remove it") from None
     if img.mode != "RGBA":
         rgb = np.asarray(img, dtype=np.uint8)
         alpha = np.ones(rgb.shape[:2], np.float32) if alpha_mask else None
@@ -92,14 +116,24 @@ def image_size(path: str) -> tuple[int, int]:
     """(width, height) of the upright image, read from the header only (no pixel decoding), so that bucketing a
     large dataset stays fast."""
     try:
-        with Image.open(path) as img:
-            width, height = img.size
-            try:
-                orientation = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
-            except Exception:  # a broken EXIF block must not hide an otherwise readable image
-                orientation = 1
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                try:
+                    orientation = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+                except Exception:  # a broken EXIF block must not hide an otherwise readable image
+                    orientation = 1
+    except Image.DecompressionBombError as e:
+        raise _bomb_error(path, e) from None
+    except _DECODE_ERRORS as e:
         raise ImageLoadError(f"{path}: cannot read image header ({type(e).__name__}: {e})") from None
+    for w in caught:
+        if issubclass(w.category, Image.DecompressionBombWarning):
+            logger.warning("%s: %dx%d pixels, above Pillow's decompression-bomb warning limit; decoding it costs "
+                           "%.1f GB of memory each time it is loaded", path, width, height, width * height * 4 / 1e9)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if orientation in _TRANSPOSING_ORIENTATIONS:
         return height, width
     return width, height
