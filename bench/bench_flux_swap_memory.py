@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def run(variant: str, args, base) -> dict:
     from library.config.flux_config import FluxConfig
     from library.train.attention import configure_training_attention
-    from library.train.flux_family import FluxFamily
+    from library.families.flux import FluxFamily
     from library.train.loop import prepare_base_models
     from networks.lora_flux import create_network
 

@@ -115,8 +115,8 @@ def make_batch(cfg: BenchConfig, config: dict[str, Any]) -> dict[str, Any]:
     """Random latents, text states, pooled embedding and size ids, plus per-step noise and timesteps (fixed seed)."""
     import torch
 
-    from library.train import noise as noise_lib
-    from library.train.sdxl_family import size_condition_ids
+    from library.families import noise as noise_lib
+    from library.families.sdxl import size_condition_ids
 
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     b, side = cfg.batch_size, cfg.resolution // 8
@@ -262,10 +262,10 @@ def run_variant(cfg: BenchConfig, variant: str) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from library.train import noise as noise_lib
-    from library.train.family import NoisyInput
+    from library.families import noise as noise_lib
+    from library.families.interface import NoisyInput
     from library.train.loop import masked_mse
-    from library.train.sdxl_family import SDXLFamily
+    from library.families.sdxl import SDXLFamily
 
     device = torch.device(cfg.device)
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32

@@ -12,8 +12,8 @@ from PIL import Image
 from library.errors import UserError
 from library.sample.controlnets import ControlNetSpec, mode_index, specs_from_flags
 from library.sample.flux_generate import FluxGenerationConfig, FluxOptions, run_flux_generation
-from library.sample.png_metadata import read_png_info
-from library.sample.prompts import parse_prompt_line
+from library.prompts.png_metadata import read_png_info
+from library.prompts.language import parse_prompt_line
 from library.sample.sdxl_generate import (
     GenerationConfig, LLLiteSpec, SDXLGenerator, check_config, plan_requests, run_generation,
 )

@@ -12,7 +12,7 @@ try:
 except ImportError:  # Python 3.10
     import toml as tomllib  # type: ignore[no-redef]
 
-from library.sample.png_metadata import GenerationInfo, save_png_with_info
+from library.prompts.png_metadata import GenerationInfo, save_png_with_info
 
 REPO = Path(__file__).resolve().parent.parent
 

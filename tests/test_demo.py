@@ -8,7 +8,7 @@ from conftest import REPO
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    from library.sample.png_metadata import read_png_info
+    from library.prompts.png_metadata import read_png_info
 
     out = tmp_path / "demo"
     r = subprocess.run([sys.executable, "-m", "library.demo", "--output_dir", str(out), "--steps", "2",

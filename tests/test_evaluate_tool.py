@@ -19,7 +19,7 @@ from library.eval.report import (
     write_report_json,
 )
 from library.eval.tiny_models import save_tiny_clip, save_tiny_dino
-from library.sample.png_metadata import GenerationInfo, save_png_with_info
+from library.prompts.png_metadata import GenerationInfo, save_png_with_info
 from tools.evaluate import main
 
 from conftest import run_script

@@ -11,8 +11,8 @@ from PIL import Image
 from conftest import randomize_lora_up, run_script
 from library.cli import run_main
 from library.sample.flux_generate import FluxGenerationConfig, FluxOptions, run_flux_generation
-from library.sample.png_metadata import read_png_info
-from library.sample.prompts import parse_prompt_line
+from library.prompts.png_metadata import read_png_info
+from library.prompts.language import parse_prompt_line
 from library.sample.sdxl_generate import GenerationConfig, NetworkSpec
 
 SIZE = 64

@@ -149,7 +149,7 @@ def test_block_swapper_is_exact_and_moves_blocks_in_order_under_checkpointing(ti
 
 def test_block_swap_flags_are_checked(tiny):
     from library.config.flux_config import FluxConfig
-    from library.train.flux_family import apply_low_vram
+    from library.families.flux_placement import apply_low_vram
 
     tr = copy.deepcopy(tiny.transformer).requires_grad_(False)
     with pytest.raises(UserError, match="--blocks_to_swap 9: expected 1 to 4"):
@@ -157,7 +157,7 @@ def test_block_swap_flags_are_checked(tiny):
     with pytest.raises(UserError, match="needs --gradient_checkpointing"):
         apply_low_vram(tr, FluxConfig(blocks_to_swap=1), torch.device("cpu"), gradient_checkpointing=False)
     # the family hook the loop calls after casting the base models: fp8 lands on the transformer
-    from library.train.flux_family import FluxFamily
+    from library.families.flux import FluxFamily
 
     family = FluxFamily()
     models = {"transformer": tr.to(torch.bfloat16), "flux_cfg": FluxConfig(fp8_base=True)}
@@ -170,7 +170,7 @@ def test_swapped_blocks_never_visit_the_device_at_load_time(tiny):
     """prepare_base_models casts on the CPU, then moves everything but the swapped blocks: the device never holds
     the whole model (nor an fp32 copy of it). The meta device stands in for a GPU: whatever is moved there shows."""
     from library.config.flux_config import FluxConfig
-    from library.train.flux_family import FluxFamily
+    from library.families.flux import FluxFamily
     from library.train.loop import prepare_base_models
 
     tr = copy.deepcopy(tiny.transformer)

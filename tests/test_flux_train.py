@@ -81,7 +81,7 @@ def test_gpu_only_flags_are_clear_errors_on_cpu(tmp_path, tiny_flux_single, caps
 @pytest.fixture(scope="module")
 def kontext_setup(tiny_flux_single):
     from library.config.flux_config import FluxConfig, FluxModelConfig
-    from library.train.flux_family import FluxFamily
+    from library.families.flux import FluxFamily
 
     family = FluxFamily()
     cfg = FluxModelConfig(pretrained_model_name_or_path=tiny_flux_single,

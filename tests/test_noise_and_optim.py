@@ -6,7 +6,7 @@ import torch
 
 from library.config.train_config import OptimizerConfig
 from library.errors import UserError
-from library.train import noise as N
+from library.families import noise as N
 from library.train.loop_math import masked_mse, step_generator
 from library.train.optim import build_optimizer, build_scheduler
 

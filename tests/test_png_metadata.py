@@ -1,11 +1,11 @@
-"""PNG generation metadata (library.sample.png_metadata): our chunks, the A1111 view, and reading others' files."""
+"""PNG generation metadata (library.prompts.png_metadata): our chunks, the A1111 view, and reading others' files."""
 from __future__ import annotations
 
 import pytest
 from PIL import Image, PngImagePlugin
 
 from library.errors import UserError
-from library.sample.png_metadata import (
+from library.prompts.png_metadata import (
     GenerationInfo,
     format_a1111_parameters,
     parse_a1111_parameters,

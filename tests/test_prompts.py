@@ -1,4 +1,4 @@
-"""The dynamic-prompt language and prompt-line options (library.sample.prompts)."""
+"""The dynamic-prompt language and prompt-line options (library.prompts.language)."""
 from __future__ import annotations
 
 import random
@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from library.errors import UserError
-from library.sample.prompts import (
+from library.prompts.language import (
     PromptSpec,
     PromptSyntaxError,
     WildcardError,

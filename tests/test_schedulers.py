@@ -1,4 +1,4 @@
-"""sd-scripts sampler names -> diffusers schedulers (library.sample.schedulers)."""
+"""sd-scripts sampler names -> diffusers schedulers (library.prompts.samplers)."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,7 +7,7 @@ import warnings
 import pytest
 
 from library.errors import UserError
-from library.sample.schedulers import (
+from library.prompts.samplers import (
     SAMPLER_ALIASES,
     SAMPLER_NAMES,
     SAMPLERS,

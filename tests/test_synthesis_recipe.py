@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import REPO, run_script, write_toml
-from library.sample.png_metadata import read_png_info
+from library.prompts.png_metadata import read_png_info
 
 NUM_IMAGES = 4
 

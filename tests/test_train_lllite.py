@@ -53,7 +53,7 @@ def test_loss_regression_against_stored_values(tmp_path, tiny_sdxl_file, shapes_
 
 def _heldout_loss(models, net, latents, cond, text, multiplier: float) -> float:
     """Denoising loss with fixed noise and timesteps: comparable between the trained and untrained network."""
-    from library.train.noise import add_noise, ddpm_alphas_cumprod
+    from library.families.noise import add_noise, ddpm_alphas_cumprod
 
     g = torch.Generator().manual_seed(123)
     noise = torch.randn(latents.shape, generator=g)
@@ -78,7 +78,7 @@ def test_trained_lllite_uses_the_conditioning(tmp_path, tiny_sdxl_file):
     from library.data.images import load_image
     from library.data.synthetic import make_shapes_dataset
     from library.models.sdxl_loader import load_sdxl
-    from library.train.sdxl_family import SDXLFamily
+    from library.families.sdxl import SDXLFamily
     from networks.control_net_lllite import create_network_from_weights
 
     make_shapes_dataset(str(tmp_path / "img"), 8, seed=1, conditioning_dir=str(tmp_path / "cond"))

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a
 
 from library.errors import UserError  # noqa: E402
 from library.fileio import write_text_atomic  # noqa: E402
-from library.sample.png_metadata import read_png_info  # noqa: E402
+from library.prompts.png_metadata import read_png_info  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ from library.eval.metrics import (
     per_image_cosine,
     strip_token,
 )
-from library.sample.png_metadata import read_png_info
+from library.prompts.png_metadata import read_png_info
 
 logger = logging.getLogger(__name__)
 

@@ -14,113 +14,22 @@ because the loop hands `noise_and_timesteps` only the shared TrainingConfig.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Callable
 
 import torch
 
 from library.config.flux_config import FluxConfig
 from library.errors import UserError
-from library.train import noise as noise_lib
-from library.train.family import ModelFamily, NoisyInput, SampleRequest, module_fingerprint, register_family
+from library.families import noise as noise_lib
+from library.families.interface import ModelFamily, NoisyInput, SampleRequest, module_fingerprint
+from library.families.flux_latents import KONTEXT_CONTROL_INDEX, image_ids, pack_latents, unpack_latents
+from library.families.flux_placement import apply_low_vram, check_low_vram_flags
+from library.families.flux_sigmas import sample_sigmas
+from library.families.registry import register_family
 
 logger = logging.getLogger(__name__)
 
 CLIP_MAX_LENGTH = 77
-FLOW_STEPS = 1000
-# FLUX's resolution-dependent shift: mu grows linearly with the image-token count from 0.5 (256) to 1.15 (4096).
-BASE_SEQ_LEN, MAX_SEQ_LEN, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15
-KONTEXT_CONTROL_INDEX = 1.0
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# packing and position ids
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> [B, H/2 * W/2, C * 4]: FLUX sees 2x2 latent patches as tokens."""
-    b, c, h, w = latents.shape
-    if h % 2 or w % 2:
-        raise UserError(f"FLUX needs even latent sizes (images a multiple of 16 px); got latents {h}x{w}")
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Inverse of pack_latents for a latent size (height, width)."""
-    b, _, d = tokens.shape
-    c = d // 4
-    x = tokens.view(b, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c, height, width)
-
-
-def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype, index: float = 0.0) -> torch.Tensor:
-    """[h/2 * w/2, 3] rotary position ids (index, row, column) of packed latent tokens."""
-    h, w = height // 2, width // 2
-    ids = torch.zeros(h, w, 3, device=device, dtype=dtype)
-    ids[..., 0] = index
-    ids[..., 1] = torch.arange(h, device=device, dtype=dtype)[:, None]
-    ids[..., 2] = torch.arange(w, device=device, dtype=dtype)[None, :]
-    return ids.reshape(h * w, 3)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# timesteps
-def shift_sigmas(t: torch.Tensor, shift: float) -> torch.Tensor:
-    return (t * shift) / (1 + (shift - 1) * t)
-
-
-def flux_mu(image_seq_len: int) -> float:
-    m = (MAX_SHIFT - BASE_SHIFT) / (MAX_SEQ_LEN - BASE_SEQ_LEN)
-    return image_seq_len * m + (BASE_SHIFT - m * BASE_SEQ_LEN)
-
-
-def sample_sigmas(batch: int, generators: Any, fcfg: FluxConfig, image_seq_len: int) -> torch.Tensor:
-    """t in (0, 1] per sample, by sd-scripts' --timestep_sampling methods; one generator per sample (or one for
-    the batch), as the loop hands them out."""
-    method = fcfg.timestep_sampling
-    if method == "uniform":
-        return noise_lib.rand(batch, generators)
-    if method == "sigma":  # uniform over the 1000 steps of the shifted discrete schedule
-        idx = noise_lib.sample_timesteps(batch, generators, 0, FLOW_STEPS, torch.device("cpu")).float()
-        return shift_sigmas((FLOW_STEPS - idx) / FLOW_STEPS, fcfg.discrete_flow_shift)
-    t = torch.sigmoid(fcfg.sigmoid_scale * noise_lib.randn((batch,), generators))
-    if method == "shift":
-        return shift_sigmas(t, fcfg.discrete_flow_shift)
-    if method == "flux_shift":
-        mu = math.exp(flux_mu(image_seq_len))
-        return mu / (mu + (1 / t.clamp(min=1e-6) - 1))
-    return t  # sigmoid
-
-
-def check_device_flags(fcfg: FluxConfig) -> None:
-    """--blocks_to_swap moves blocks between the CPU and a GPU: refuse it up front where there is no GPU. (--fp8_base
-    works anywhere: fp8 storage with an upcast per layer is plain torch.)"""
-    if fcfg.blocks_to_swap is not None and fcfg.blocks_to_swap < 0:
-        raise UserError(f"--blocks_to_swap must be a positive number of blocks, got {fcfg.blocks_to_swap}")
-    if fcfg.blocks_to_swap and not torch.cuda.is_available():
-        raise UserError("--blocks_to_swap needs a CUDA GPU (it keeps blocks on the CPU and moves each to the GPU "
-                        "while it runs), and none is available: drop the flag to train on the CPU")
-
-
-def apply_low_vram(transformer: torch.nn.Module, fcfg: FluxConfig, device: torch.device,
-                   gradient_checkpointing: bool | None = None) -> Any:
-    """--fp8_base, then --blocks_to_swap, on a transformer that already has its device and compute dtype; returns
-    the BlockSwapper (or None). `gradient_checkpointing` is None for inference and a bool in training, where
-    swapping needs it (the backward re-runs each swapped block's forward, which brings the block back)."""
-    from library.models.lowvram import BlockSwapper, apply_fp8_linear
-
-    if fcfg.fp8_base:
-        dtype = next(transformer.parameters()).dtype
-        n = apply_fp8_linear(transformer, dtype, work_device=device)
-        logger.info("--fp8_base: %d transformer Linears stored in float8_e4m3fn, computed in %s", n, dtype)
-    if not fcfg.blocks_to_swap:
-        return None
-    if gradient_checkpointing is False:
-        raise UserError("--blocks_to_swap in training needs --gradient_checkpointing: the backward pass re-runs each "
-                        "swapped block's forward to bring it back to the GPU")
-    swapper = BlockSwapper.attach(transformer, fcfg.blocks_to_swap, device)
-    logger.info("--blocks_to_swap: %d of %d blocks kept on the CPU", len(swapper.blocks),
-                len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks))
-    return swapper
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,7 +47,7 @@ class FluxFamily(ModelFamily):
         from library.models.flux_loader import load_flux
 
         fcfg = getattr(cfg, "flux", None) or FluxConfig()
-        check_device_flags(fcfg)
+        check_low_vram_flags(fcfg.blocks_to_swap, "train")
         self.flux_cfg = fcfg
         if fcfg.kontext_degrade:
             from library.data.degrade import parse_degrade_spec

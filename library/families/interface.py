@@ -12,8 +12,6 @@ from typing import Any, Callable
 
 import torch
 
-from library.errors import UserError
-
 
 @dataclass
 class NoisyInput:
@@ -50,7 +48,7 @@ class ModelFamily(ABC):
     @abstractmethod
     def noise_and_timesteps(self, latents: torch.Tensor, generator: torch.Generator | list[torch.Generator],
                             cfg: Any) -> NoisyInput:
-        """`generator` is one generator per sample (or one for the batch): draw with library.train.noise.randn/rand
+        """`generator` is one generator per sample (or one for the batch): draw with library.families.noise.randn/rand
         so that a sample's noise does not depend on how a global batch is split across processes."""
 
     @abstractmethod
@@ -83,30 +81,6 @@ class ModelFamily(ABC):
     def sample_images(self, models: dict[str, Any], prompts: list[Any], sampler: str,
                       before_generate: Callable[[Any], None] | None = None) -> list[Any]:
         """Generate one image per prompt spec (seeded); before_generate lets a network set per-image inputs."""
-
-
-_REGISTRY: dict[str, Callable[[], ModelFamily]] = {}
-
-
-def register_family(name: str) -> Callable[[type[ModelFamily]], type[ModelFamily]]:
-    def deco(cls: type[ModelFamily]) -> type[ModelFamily]:
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-    return deco
-
-
-def get_family(name: str) -> ModelFamily:
-    if name not in _REGISTRY:
-        # families register on import; import the known modules lazily so scripts stay light
-        import importlib
-        try:
-            importlib.import_module(f"library.train.{name}_family")
-        except ModuleNotFoundError:
-            pass
-    if name not in _REGISTRY:
-        raise UserError(f"unknown model family {name!r}; known: {sorted(_REGISTRY)}")
-    return _REGISTRY[name]()
 
 
 @dataclass

@@ -5,8 +5,9 @@ from typing import Any, Callable
 
 import torch
 
-from library.train import noise as noise_lib
-from library.train.family import ModelFamily, NoisyInput, SampleRequest, module_fingerprint, register_family
+from library.families import noise as noise_lib
+from library.families.interface import ModelFamily, NoisyInput, SampleRequest, module_fingerprint
+from library.families.registry import register_family
 
 SDXL_VAE_SCALE = 0.13025
 
@@ -94,7 +95,7 @@ class SDXLFamily(ModelFamily):
     def build_pipeline(self, models: dict[str, Any], sampler: str):
         from diffusers import StableDiffusionXLPipeline
 
-        from library.sample.schedulers import make_scheduler
+        from library.prompts.samplers import make_scheduler
 
         te1, te2 = models["text_encoders"]
         tok1, tok2 = models["tokenizers"]

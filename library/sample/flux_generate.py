@@ -25,10 +25,14 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from library.config.flux_config import FluxConfig
 from library.errors import UserError
+from library.families.flux import FluxFamily
+from library.families.flux_latents import pack_latents, unpack_latents
+from library.families.flux_placement import apply_low_vram, check_low_vram_flags, place_transformer
 from library.sample import gen_args
 from library.sample.controlnets import build_flux_pipeline, flux_call_kwargs, load_controlnets
-from library.sample.prompts import PromptSpec
+from library.prompts.language import PromptSpec
 from library.sample.sdxl_generate import (
     SEED_RANGE, AttachedNetworks, GenerationConfig, ImageRequest, NetworkSpec, _DTYPES, _move, check_common,
     controlnet_images, initial_noise, list_images, load_rgb, load_wildcards, make_batches, plan_requests,
@@ -134,19 +138,6 @@ def flux_config_from_args(args: argparse.Namespace) -> FluxGenerationConfig:
 # ----------------------------------------------------------------------------------------------------- planning
 
 
-def check_flux_device_flags(options: FluxOptions, device: torch.device | None = None) -> None:
-    """--fp8_base works on any device; --blocks_to_swap only makes sense (and is only allowed) on a CUDA GPU."""
-    if options.blocks_to_swap is not None and options.blocks_to_swap < 0:
-        raise UserError(f"--blocks_to_swap must be a positive number of blocks, got {options.blocks_to_swap}")
-    if not options.blocks_to_swap:
-        return
-    if not torch.cuda.is_available():
-        raise UserError("--blocks_to_swap needs a CUDA GPU (it keeps blocks on the CPU and moves each to the GPU while "
-                        "it runs), and none is available: drop the flag to generate on the CPU")
-    if device is not None and device.type != "cuda":
-        raise UserError(f"--blocks_to_swap swaps blocks between the CPU and a CUDA GPU, but --device is {device}")
-
-
 def _rounded_size(path: str) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
@@ -183,7 +174,7 @@ def kontext_prompts(prompts: Sequence[PromptSpec], options: FluxOptions) -> list
 def plan_flux_requests(config: FluxGenerationConfig, base_seed: int) -> list[ImageRequest]:
     common = config.common
     check_common(common)
-    check_flux_device_flags(config.flux)
+    check_low_vram_flags(config.flux.blocks_to_swap, "generate")
     if config.flux.control_image and common.controlnets:
         raise UserError("--control_image (Kontext) and --control_net_models cannot be combined")
     prompts = common.prompts if common.controlnets else kontext_prompts(common.prompts, config.flux)
@@ -216,14 +207,12 @@ def _control_size_batches(batches: list[list[ImageRequest]]) -> list[list[ImageR
 
 class FluxGenerator:
     def __init__(self, models: Any, config: FluxGenerationConfig, device: torch.device):
-        from library.train.flux_family import FluxFamily
-
         self.config = config
         self.device = device
         self.dtype = _DTYPES[config.common.dtype]
         for model in (models.clip_l, models.t5, models.ae):
             _move(model, device, self.dtype)
-        self._place_transformer(models.transformer)
+        place_transformer(models.transformer, device, self.dtype, config.flux.blocks_to_swap)
         self.models = models
         # AttachedNetworks speaks SDXL's names: the transformer is the "unet", CLIP-L and T5 the two encoders
         view = SimpleNamespace(vae=models.ae, unet=models.transformer, text_encoder1=models.clip_l,
@@ -247,23 +236,9 @@ class FluxGenerator:
         self.max_length = config.flux.t5xxl_max_token_length or (512 if guidance else 256)
         self.run_stamp = time.strftime("%Y%m%d%H%M%S")
 
-    def _place_transformer(self, transformer: torch.nn.Module) -> None:
-        """Cast on the CPU, then move; blocks that --blocks_to_swap keeps on the CPU never visit the device."""
-        from library.models.lowvram import place_module, swapped_blocks
-
-        n_swap = self.config.flux.blocks_to_swap
-        if not n_swap:
-            _move(transformer, self.device, self.dtype)
-            return
-        dtype = self.dtype if next(transformer.parameters()).dtype != self.dtype else None
-        place_module(transformer, self.device, dtype, swapped_blocks(transformer, n_swap))
-
     def _apply_low_vram(self) -> None:
-        from library.config.flux_config import FluxConfig
-        from library.train.flux_family import apply_low_vram
-
         options = self.config.flux
-        check_flux_device_flags(options, self.device)
+        check_low_vram_flags(options.blocks_to_swap, "generate", self.device)
         fcfg = FluxConfig(fp8_base=options.fp8_base, blocks_to_swap=options.blocks_to_swap)
         self.block_swapper = apply_low_vram(self.models.transformer, fcfg, self.device)
 
@@ -284,8 +259,6 @@ class FluxGenerator:
         return paths
 
     def _run_batch(self, batch: list[ImageRequest]) -> list[Image.Image]:
-        from library.train.flux_family import pack_latents
-
         first = batch[0]
         self.networks.set_multipliers(first.network_muls)
         generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in batch]
@@ -310,8 +283,6 @@ class FluxGenerator:
         return self._decode(latents, first.height, first.width)
 
     def _decode(self, tokens: torch.Tensor, height: int, width: int) -> list[Image.Image]:
-        from library.train.flux_family import unpack_latents
-
         ae = self.models.ae
         latents = unpack_latents(tokens, height // 8, width // 8)
         chunk = self.config.common.vae_batch_size or latents.shape[0]

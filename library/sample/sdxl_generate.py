@@ -27,9 +27,9 @@ from PIL import Image
 
 from library.errors import ModelLoadError, UserError
 from library.sample.controlnets import ControlNetSpec
-from library.sample.png_metadata import GenerationInfo, save_png_with_info
-from library.sample.prompts import PromptSpec, Template, WildcardSet
-from library.sample.schedulers import canonical_sampler_name
+from library.prompts.png_metadata import GenerationInfo, save_png_with_info
+from library.prompts.language import PromptSpec, Template, WildcardSet
+from library.prompts.samplers import canonical_sampler_name
 
 logger = logging.getLogger(__name__)
 
@@ -409,7 +409,7 @@ class SDXLGenerator:
     """Runs planned requests on loaded models and writes the PNGs."""
 
     def __init__(self, models: Any, config: GenerationConfig, device: torch.device):
-        from library.train.sdxl_family import SDXLFamily
+        from library.families.sdxl import SDXLFamily
 
         self.config = config
         self.device = device

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from library.config.train_config import RunConfig
-from library.train.family import ModelFamily
+from library.families.interface import ModelFamily
 
 
 def build_datasets(cfg: RunConfig, num_processes: int = 1, verbose: bool = True) -> list[Any]:

@@ -18,7 +18,8 @@ from library.train import checkpoint as ckpt
 from library.train.attention import configure_training_attention
 from library.train.batch_inputs import batch_latents, batch_text
 from library.train.epoch_plan import PlannedBatch, plan_epoch
-from library.train.family import ModelFamily, get_family
+from library.families.interface import ModelFamily
+from library.families.registry import get_family
 from library.train.loop_math import all_reduce_mean_, masked_mse, nonfinite_grads, step_generator
 from library.train.network_adapter import TrainNetwork, build_network
 from library.train.scale_out import (ShardingOptions, check_sharding_compatible, local_share, shard_frozen_model,

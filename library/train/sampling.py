@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from library.train.family import SampleRequest
+from library.families.interface import SampleRequest
 
 DEFAULT_SAMPLE_STEPS = 30
 DEFAULT_SAMPLE_SCALE = 7.0
@@ -16,7 +16,7 @@ DEFAULT_SAMPLE_SCALE = 7.0
 
 def requests_from_prompt_file(path: str, default_size: tuple[int, int], seed: int) -> list[SampleRequest]:
     """One request per prompt line; a line without --d gets seed+index so that samples are comparable over steps."""
-    from library.sample.prompts import read_prompt_file
+    from library.prompts.language import read_prompt_file
 
     requests = []
     for i, spec in enumerate(read_prompt_file(path)):
@@ -35,7 +35,7 @@ def sample_during_training(session: Any, step: int, out_dir: str | None = None, 
                            log_images: bool = True, write: bool = True) -> list[str]:
     """Generate the sample prompts with the network as it is now (or at `multiplier`, e.g. 0 for the base model);
     restore training mode, the multiplier and the RNG afterwards."""
-    from library.sample.png_metadata import GenerationInfo, save_png_with_info
+    from library.prompts.png_metadata import GenerationInfo, save_png_with_info
 
     cfg = session.cfg
     res = session.datasets[0].config.resolution
