@@ -17,6 +17,13 @@ from library.data.types import DatasetConfig
 from library.errors import UserError
 
 
+# sd-scripts resizes an image until it covers its bucket and crops the rest, whatever the rest is. For an image far
+# more elongated than any bucket that resized copy is huge (a 40000x1 strip covering a 1024x256 bucket becomes
+# 10240000x256 pixels, 7.9 GB) and nearly all of it is cropped away, so such images are refused up front. 16 leaves
+# every sane image through: with default buckets (aspect up to 4:1) images up to 64:1, without bucketing 16:1.
+MAX_RESIZED_AREA_FACTOR = 16
+
+
 class BucketError(UserError):
     """An image cannot be put in any bucket (e.g. smaller than one bucket step with bucket_no_upscale)."""
 
@@ -99,7 +106,19 @@ def assign_bucket(spec: BucketSpec, image_size: tuple[int, int]) -> BucketAssign
         else:
             scale = bucket[0] / width
         resized = (int(width * scale + 0.5), int(height * scale + 0.5))
+        _check_not_extreme((width, height), bucket, resized)
     return BucketAssignment(bucket=bucket, resized_size=resized, ar_error=bucket[0] / bucket[1] - aspect)
+
+
+def _check_not_extreme(size: tuple[int, int], bucket: tuple[int, int], resized: tuple[int, int]) -> None:
+    """Refuse, before any pixel is allocated, an image whose resized copy would dwarf its bucket."""
+    factor = (resized[0] * resized[1]) / (bucket[0] * bucket[1])
+    if factor > MAX_RESIZED_AREA_FACTOR:
+        kept = 100.0 / factor
+        raise BucketError(
+            f"image {size[0]}x{size[1]} is too elongated for bucket {bucket[0]}x{bucket[1]}: it would be resized to "
+            f"{resized[0]}x{resized[1]} and only {kept:.2g}% of it trained on; crop it to a less extreme aspect "
+            f"ratio or remove it (the resized image may be at most {MAX_RESIZED_AREA_FACTOR}x the bucket's area)")
 
 
 def _nearest_bucket(candidates: tuple, width: int, height: int, aspect: float) -> tuple[int, int]:

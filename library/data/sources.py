@@ -5,13 +5,25 @@ fine-tuning (a metadata file: sd-scripts JSON, diffusers metadata.jsonl, or CSV)
 conditioning folder paired by file stem). Problems a user can fix (no images, no caption, a missing conditioning
 image, a bad metadata line) are ConfigErrors naming the config file, the subset table and the path, raised before
 any model is loaded.
+
+Captions follow sd-scripts: an image without a caption file or captions.txt line takes the subset's class_tokens,
+else trains with an empty caption; images with no caption or an empty caption file are counted and named in one
+warning per subset instead of stopping the run.
+
+Image keys in metadata files are, as in sd-scripts, paths relative to image_dir (or the metadata file's folder), with
+or without extension, or absolute paths. An absolute path may point anywhere (it is read, and its latent cache is
+written inside the subset's folder, see library.cache.latents); a relative key that climbs out of the folder it is
+resolved in (`../../etc/x.png`) is refused: a metadata file received from elsewhere must not reach beyond the
+dataset by accident or design.
 """
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import random
+import re
 from typing import Iterable
 
 from library.data.types import DatasetConfig, ImageRecord, SubsetConfig
@@ -27,6 +39,24 @@ TEXT_FIELDS: tuple[str, ...] = ("text", "caption")
 CONDITIONING_FIELDS: tuple[str, ...] = ("conditioning_image", "conditioning_file_name", "conditioning")
 
 MAX_LISTED = 5  # how many offending names an error message lists
+
+logger = logging.getLogger(__name__)
+
+# One metadata entry: (image key, caption, conditioning key or None, where it is: "line 3" or "entry 'x'")
+Entry = tuple[str, str, str | None, str]
+
+
+def climbs_out(key: str) -> bool:
+    """Whether relative path `key` leaves the folder it is resolved in (`..` beyond the top); either separator."""
+    depth = 0
+    for part in re.split(r"[\\/]+", key):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif part not in ("", "."):
+            depth += 1
+    return False
 
 
 def is_image_file(name: str) -> bool:
@@ -105,25 +135,28 @@ class _SubsetReader:
         assert directory is not None  # the schema requires it for these kinds
         images = list_images(directory)
         listing = self.read_captions_txt(directory)
-        records, missing = [], []
+        records, missing, empty = [], [], []
         for path in images:
             caption = self.read_caption_file(path)
+            if caption == "":
+                empty.append(os.path.basename(path))
             if caption is None:
                 name = os.path.basename(path)
                 caption = listing.get(name, listing.get(os.path.splitext(name)[0]))
             if caption is None:
                 caption = self.subset.class_tokens
-            if caption is None:
+            if caption is None:  # as sd-scripts: train unconditioned rather than stop the run, but say so once
                 missing.append(os.path.basename(path))
-                continue
+                caption = ""
             records.append(self.record(path, caption))
         if missing:
-            raise self.error(
-                f"{len(missing)} image(s) in {directory} have no caption file "
-                f"({self.subset.caption_extension}), no {CAPTIONS_TXT} line, and the subset has no class_tokens: "
-                f"{_listing(missing)}",
-                key="class_tokens",
-            )
+            logger.warning(
+                "%s %s: %d image(s) in %s have no caption file (%s), no %s line and the subset has no class_tokens; "
+                "they train with an empty caption: %s", self.source, self.subset.table, len(missing), directory,
+                self.subset.caption_extension, CAPTIONS_TXT, _listing(missing))
+        if empty:
+            logger.warning("%s %s: %d caption file(s) in %s are empty; those images train with an empty caption: %s",
+                           self.source, self.subset.table, len(empty), directory, _listing(empty))
         return records
 
     def read_caption_file(self, image_path: str) -> str | None:
@@ -191,9 +224,15 @@ class _SubsetReader:
         if ext not in readers:
             raise self.error(f"unsupported metadata format {ext!r} (use .json, .jsonl or .csv): {path}",
                              key="metadata_file")
-        entries = readers[ext](path)  # (image key, caption, conditioning key or None)
-        records, missing, seen = [], [], set()
-        for key, caption, cond in entries:
+        entries = readers[ext](path)
+        records, missing, seen, empty = [], [], set(), []
+        for key, caption, cond, where in entries:
+            for name, value in (("image", key), ("conditioning image", cond)):
+                if isinstance(value, str) and not os.path.isabs(value) and climbs_out(value):
+                    raise self.error(
+                        f"{path} {where}: {name} path {value!r} leaves the dataset folder; relative paths must stay "
+                        f"inside image_dir (or the metadata file's folder): move the image there or give an "
+                        f"absolute path", key="metadata_file")
             image = self.find_image(key, path)
             if image is None:
                 missing.append(key)
@@ -201,6 +240,8 @@ class _SubsetReader:
             if image in seen:
                 continue  # one image, one record: a duplicated key would silently double its weight
             seen.add(image)
+            if not caption:
+                empty.append(key)
             conditioning = None
             if cond:
                 conditioning = self.find_conditioning(cond, path)
@@ -208,6 +249,9 @@ class _SubsetReader:
         if missing:
             raise self.error(f"{len(missing)} image(s) named in {path} were not found: {_listing(missing)}",
                              key="metadata_file")
+        if empty:
+            logger.warning("%s %s: %d record(s) in %s have no caption; those images train with an empty caption: %s",
+                           self.source, self.subset.table, len(empty), path, _listing(empty))
         return records
 
     def find_image(self, key: str, metadata_path: str) -> str | None:
@@ -237,7 +281,7 @@ class _SubsetReader:
                 return os.path.abspath(cand)
         raise self.error(f"conditioning image {key!r} named in {metadata_path} was not found", key="metadata_file")
 
-    def read_json(self, path: str) -> list[tuple[str, str, str | None]]:
+    def read_json(self, path: str) -> list[Entry]:
         """sd-scripts' metadata: {"<image key>": {"caption": ..., "tags": ...}}; caption + ", " + tags."""
         try:
             with open(path, encoding="utf-8-sig") as f:
@@ -259,10 +303,10 @@ class _SubsetReader:
             if tags:
                 caption = f"{caption}, {tags}"
             cond = next((entry[f] for f in CONDITIONING_FIELDS if entry.get(f)), None)
-            entries.append((key, caption or "", cond))
+            entries.append((key, caption or "", cond, f"entry {key!r}"))
         return entries
 
-    def read_jsonl(self, path: str) -> list[tuple[str, str, str | None]]:
+    def read_jsonl(self, path: str) -> list[Entry]:
         """diffusers' metadata.jsonl: one {"file_name": ..., "text": ...} object per line."""
         entries = []
         for lineno, line in _numbered_lines(path, self.error):
@@ -274,17 +318,17 @@ class _SubsetReader:
                 raise self.error(f"{path} line {lineno}: invalid JSON: {e.msg}", key="metadata_file") from None
             if not isinstance(obj, dict):
                 raise self.error(f"{path} line {lineno}: expected a JSON object", key="metadata_file")
-            entries.append(self.entry_from_row(obj, f"{path} line {lineno}"))
+            entries.append(self.entry_from_row(obj, f"{path} line {lineno}") + (f"line {lineno}",))
         return entries
 
-    def read_csv(self, path: str) -> list[tuple[str, str, str | None]]:
+    def read_csv(self, path: str) -> list[Entry]:
         """CSV with a header: image (or file_name), text (or caption), optional conditioning column."""
         try:
             with open(path, encoding="utf-8-sig", newline="") as f:
                 rows = list(csv.DictReader(f))
         except (UnicodeDecodeError, csv.Error) as e:
             raise self.error(f"{path}: cannot read CSV: {e}", key="metadata_file") from None
-        return [self.entry_from_row(row, f"{path} line {i + 2}") for i, row in enumerate(rows)]
+        return [self.entry_from_row(row, f"{path} line {i + 2}") + (f"line {i + 2}",) for i, row in enumerate(rows)]
 
     def entry_from_row(self, row: dict, where: str) -> tuple[str, str, str | None]:
         image = next((row[f] for f in IMAGE_FIELDS if row.get(f)), None)
