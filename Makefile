@@ -2,6 +2,8 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Written after a successful install; pip runs again only when setup.py is newer (or .venv was removed).
+INSTALLED := $(VENV)/.installed
 
 .PHONY: test install demo clean
 
@@ -10,11 +12,15 @@ $(BIN)/python:
 	$(BIN)/pip install --upgrade pip wheel setuptools
 	$(BIN)/pip install torch==2.13.0
 
-install: $(BIN)/python
+$(INSTALLED): setup.py | $(BIN)/python
 	$(BIN)/pip install -e ".[test]"
+	touch $@
 
+install: $(INSTALLED)
+
+# No -x: CI reports every failure of the suite, not only the first.
 test: install
-	$(BIN)/python -m pytest -x -q tests
+	$(BIN)/python -m pytest -q tests
 
 demo: install
 	$(BIN)/python -m library.demo --output_dir demo_output

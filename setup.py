@@ -27,9 +27,14 @@ setup(
     name="difftune",
     version="0.1.0",
     description="Script-per-task diffusion fine-tuning toolkit (SDXL LoRA, ControlNet-LLLite, FLUX LoRA)",
-    packages=find_packages(include=["library", "library.*", "networks", "networks.*", "tools", "tools.*"]),
-    package_data={"library.models": ["tokenizers/clip/*"]},
-    include_package_data=True,
+    # The shipped CLIP tokenizer files live in a folder without __init__.py; setuptools counts any such folder as an
+    # importable (namespace) package and warns unless it is listed, so it is listed and its files are its data.
+    packages=find_packages(include=["library", "library.*", "networks", "networks.*", "tools", "tools.*"])
+    + ["library.models.tokenizers.clip"],
+    package_data={"library.models.tokenizers.clip": ["*.json", "*.txt"]},
+    # An explicit root makes `pip install -e .` a plain .pth to this folder (the layout scripts already assume),
+    # instead of setuptools' import-hook finder and its "be careful with folders in your working directory" notice.
+    package_dir={"": "."},
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require={
