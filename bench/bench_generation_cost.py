@@ -59,8 +59,8 @@ def run(resolution: int, steps: int, images: int, warmup: int, device: str) -> d
     from library.models.sdxl_loader import load_sdxl
     from library.models.tiny import save_tiny_sdxl
     from library.sample.controlnets import ControlNetSpec
-    from library.sample.sdxl_generate import (GenerationConfig, ImageRequest, LLLiteSpec, SDXLGenerator,
-                                              derive_seed, resolve_device)
+    from library.sample.generation import GenerationConfig, ImageRequest, LLLiteSpec, derive_seed, resolve_device
+    from library.sample.sdxl_generate import SDXLGenerator
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -14,9 +14,8 @@ from library.sample.controlnets import ControlNetSpec, mode_index, specs_from_fl
 from library.sample.flux_generate import FluxGenerationConfig, FluxOptions, run_flux_generation
 from library.prompts.png_metadata import read_png_info
 from library.prompts.language import parse_prompt_line
-from library.sample.sdxl_generate import (
-    GenerationConfig, LLLiteSpec, SDXLGenerator, check_config, plan_requests, run_generation,
-)
+from library.sample.generation import GenerationConfig, LLLiteSpec, plan_requests
+from library.sample.sdxl_generate import SDXLGenerator, check_config, run_generation
 
 SIZE = 64
 

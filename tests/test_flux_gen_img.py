@@ -13,7 +13,7 @@ from library.cli import run_main
 from library.sample.flux_generate import FluxGenerationConfig, FluxOptions, run_flux_generation
 from library.prompts.png_metadata import read_png_info
 from library.prompts.language import parse_prompt_line
-from library.sample.sdxl_generate import GenerationConfig, NetworkSpec
+from library.sample.generation import GenerationConfig, NetworkSpec
 
 SIZE = 64
 STEPS = 2

@@ -16,9 +16,10 @@ from conftest import randomize_lora_up, run_script
 from library.cli import run_main
 from library.prompts.png_metadata import read_png_info
 from library.prompts.language import parse_prompt_line
-from library.sample.sdxl_generate import (
-    GenerationConfig, LLLiteSpec, NetworkSpec, derive_seed, make_batches, plan_requests, run_generation,
+from library.sample.generation import (
+    GenerationConfig, LLLiteSpec, NetworkSpec, derive_seed, make_batches, plan_requests,
 )
+from library.sample.sdxl_generate import run_generation
 
 SIZE = 64
 STEPS = 2

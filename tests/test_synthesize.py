@@ -289,7 +289,7 @@ def test_trains_a_lora_then_generates_with_it(tmp_path, tiny_sdxl_file):
 
 
 def again_seed(run_seed: int) -> int:
-    from library.sample.sdxl_generate import derive_seed
+    from library.sample.generation import derive_seed
 
     return derive_seed(run_seed, 0)
 

@@ -1,6 +1,6 @@
-"""FLUX.1 batch generation (text-to-image, Kontext, ControlNets) on the planning, networks and saving of
-`sdxl_generate`: the same prompt language and per-prompt options, seeds per image index, LoRA attachment and PNG
-metadata, so `flux_gen_img.py` differs from `sdxl_gen_img.py` only where the model does.
+"""FLUX.1 batch generation (text-to-image, Kontext, ControlNets) on the planning, networks, progress and saving of
+`library.sample.generation`: the same prompt language and per-prompt options, seeds per image index, LoRA
+attachment and PNG metadata, so `flux_gen_img.py` differs from `sdxl_gen_img.py` only where the model does.
 
 FLUX specifics:
 * `scale` (`--guidance_scale`, per prompt `--l`) is the distilled guidance of FLUX.1 dev; there is no negative
@@ -33,10 +33,10 @@ from library.families.flux_placement import apply_low_vram, check_low_vram_flags
 from library.sample import gen_args
 from library.sample.controlnets import build_flux_pipeline, flux_call_kwargs, load_controlnets
 from library.prompts.language import PromptSpec
-from library.sample.sdxl_generate import (
-    SEED_RANGE, AttachedNetworks, GenerationConfig, ImageRequest, NetworkSpec, _DTYPES, _move, check_common,
-    controlnet_images, initial_noise, list_images, load_rgb, load_wildcards, make_batches, plan_requests,
-    resolve_device, save_request_png,
+from library.sample.generation import (
+    DTYPES, SEED_RANGE, AttachedNetworks, GenerationConfig, ImageProgress, ImageRequest, NetworkSpec, check_common, controlnet_images,
+    initial_noise, list_images, load_rgb, load_wildcards, make_batches, move_model, plan_requests, resolve_device,
+    save_request_png,
 )
 
 logger = logging.getLogger(__name__)
@@ -209,9 +209,9 @@ class FluxGenerator:
     def __init__(self, models: Any, config: FluxGenerationConfig, device: torch.device):
         self.config = config
         self.device = device
-        self.dtype = _DTYPES[config.common.dtype]
+        self.dtype = DTYPES[config.common.dtype]
         for model in (models.clip_l, models.t5, models.ae):
-            _move(model, device, self.dtype)
+            move_model(model, device, self.dtype)
         place_transformer(models.transformer, device, self.dtype, config.flux.blocks_to_swap)
         self.models = models
         # AttachedNetworks speaks SDXL's names: the transformer is the "unet", CLIP-L and T5 the two encoders
@@ -235,6 +235,7 @@ class FluxGenerator:
         guidance = bool(models.transformer.config.guidance_embeds)
         self.max_length = config.flux.t5xxl_max_token_length or (512 if guidance else 256)
         self.run_stamp = time.strftime("%Y%m%d%H%M%S")
+        self.progress = ImageProgress(0, 0, enabled=False)  # generate() shows one per run
 
     def _apply_low_vram(self) -> None:
         options = self.config.flux
@@ -251,11 +252,12 @@ class FluxGenerator:
     def generate(self, requests: Sequence[ImageRequest]) -> list[Path]:
         paths: list[Path] = []
         batches = _control_size_batches(make_batches(requests, self.config.common.batch_size))
-        for number, batch in enumerate(batches, start=1):
-            logger.info("batch %d/%d: %d image(s)", number, len(batches), len(batch))
-            images = self._run_batch(batch)
-            paths += [save_request_png(self.config.common, r, im, self.run_stamp, SAMPLER) for r, im in
-                      zip(batch, images)]
+        with ImageProgress(len(requests), len(batches)) as self.progress:
+            for batch in batches:
+                images = self._run_batch(batch)
+                paths += [save_request_png(self.config.common, r, im, self.run_stamp, SAMPLER) for r, im in
+                          zip(batch, images)]
+                self.progress.done(len(batch))
         return paths
 
     def _run_batch(self, batch: list[ImageRequest]) -> list[Image.Image]:
@@ -279,6 +281,7 @@ class FluxGenerator:
                           max_area=first.width * first.height)
         else:
             pipe = self.pipe(False)
+        self.progress.show_steps(pipe)
         latents = pipe(**kwargs).images
         return self._decode(latents, first.height, first.width)
 

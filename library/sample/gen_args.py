@@ -11,7 +11,7 @@ from library.errors import UserError
 from library.sample.controlnets import ControlNetSpec, specs_from_flags
 from library.prompts.language import PromptSyntaxError, parse_prompt_line, parse_template, read_prompt_file
 from library.prompts.samplers import SAMPLER_NAMES
-from library.sample.sdxl_generate import GenerationConfig, LLLiteSpec, NetworkSpec
+from library.sample.generation import GenerationConfig, LLLiteSpec, NetworkSpec
 
 DEFAULT_NETWORK_MODULE = "networks.lora"
 

@@ -1,4 +1,4 @@
-"""Batch SDXL generation for dataset synthesis: prompt-language requests -> batches -> PNGs with their metadata.
+"""Generation shared by every family's script: requests, planning, attached networks, progress and saving.
 
 The work is split in two phases so that every mistake in the user's input (prompt syntax, wildcards, missing guide
 or init images, network files, sizes) is reported before minutes are spent loading a model:
@@ -6,36 +6,37 @@ or init images, network files, sizes) is reported before minutes are spent loadi
 1. `plan_requests` turns the prompt lines into one `ImageRequest` per image, each with its own drawn prompt and
    seed. Image k of a run gets seeds derived from (--seed, k) only, so the same image comes out whatever
    --batch_size is (the batch just stacks independent per-image generators).
-2. `SDXLGenerator` runs batches of compatible requests (same size, steps, scale, multipliers, ...) through a
-   diffusers pipeline built by `SDXLFamily.build_pipeline`, decodes the latents in --vae_batch_size chunks and saves
-   each PNG with `save_png_with_info`, so captions can be recovered later (tools/captions_from_png.py).
+2. A family's generator (`sdxl_generate.SDXLGenerator`, `flux_generate.FluxGenerator`) runs batches of compatible
+   requests (`make_batches`) through the pipeline its family builds (`ModelFamily.build_pipeline`), with the
+   networks of `AttachedNetworks`, shows progress (`ImageProgress`) and saves each PNG with `save_request_png`, so
+   captions can be recovered later (tools/captions_from_png.py).
 """
 from __future__ import annotations
 
 import hashlib
-import importlib
 import logging
 import os
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from library.errors import ModelLoadError, UserError
-from library.sample.controlnets import ControlNetSpec
-from library.prompts.png_metadata import GenerationInfo, save_png_with_info
 from library.prompts.language import PromptSpec, Template, WildcardSet
+from library.prompts.png_metadata import GenerationInfo, save_png_with_info
 from library.prompts.samplers import canonical_sampler_name
+from library.sample.controlnets import ControlNetSpec
+from networks.attach import attach_network_file
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SEED_RANGE = 2**32
-LATENT_FACTOR = 8  # SDXL's VAE downsamples by 8: pixel sizes must be multiples of it
+LATENT_FACTOR = 8  # SDXL's and FLUX's autoencoders downsample by 8: pixel sizes must be multiples of it
 LLLITE_FACTOR = 32  # LLLite's deepest conditioning stack downsamples by 32
 DEFAULT_STRENGTH = 0.8  # img2img strength when neither --strength nor --t gives one (as sd-scripts)
 
@@ -60,7 +61,8 @@ class LLLiteSpec:
 
 @dataclass
 class GenerationConfig:
-    """Everything a run needs; built from the command line by `library.sample.gen_args.config_from_args`."""
+    """Everything a run needs; built from the command line by `library.sample.gen_args.config_from_args`
+    (SDXL) or `flux_generate.flux_config_from_args` (FLUX, as its `common` part)."""
 
     model: str
     outdir: str
@@ -149,14 +151,9 @@ def _check_size(width: int, height: int, factor: int, why: str, where: str) -> N
         raise UserError(f"{where}: size {width}x{height} must be a multiple of {factor} ({why})")
 
 
-def _where(spec: PromptSpec) -> str:
+def where_in_prompts(spec: PromptSpec) -> str:
+    """Where a prompt came from, for error messages (\"prompt line 3\")."""
     return f"prompt line {spec.line_no}" if spec.line_no else "prompt"
-
-
-def check_config(config: GenerationConfig) -> None:
-    """Reject option combinations that cannot work, before any model is loaded."""
-    check_common(config)
-    check_control(config)
 
 
 def check_common(config: GenerationConfig) -> None:
@@ -182,26 +179,8 @@ def check_common(config: GenerationConfig) -> None:
         raise UserError("per-prompt --am cannot change networks merged with --network_merge; drop one of them")
     for p in config.prompts:
         if p.network_muls and len(p.network_muls) > len(config.networks):
-            raise UserError(f"{_where(p)}: --am gives {len(p.network_muls)} multipliers but only "
+            raise UserError(f"{where_in_prompts(p)}: --am gives {len(p.network_muls)} multipliers but only "
                             f"{len(config.networks)} network(s) are loaded")
-
-
-def check_control(config: GenerationConfig) -> None:
-    """LLLite / ControlNet inputs: guide images need a model that uses them (SDXL's rule for --cn too)."""
-    from library.sample.controlnets import check_specs
-
-    if config.guide_image_path and not config.lllite and not config.controlnets:
-        raise UserError("--guide_image_path is given but no --control_net_lllite_models / --control_net_models "
-                        "to use it")
-    for spec in config.lllite:
-        if not os.path.isfile(spec.weights):
-            raise ModelLoadError(f"--control_net_lllite_models '{spec.weights}': no such file")
-    check_specs(config.controlnets)
-    if config.controlnets and config.image_path:
-        raise UserError("--control_net_models cannot be combined with --image_path (img2img) yet")
-    for p in config.prompts:
-        if p.control_image and not config.lllite and not config.controlnets:
-            raise UserError(f"{_where(p)}: --cn needs --control_net_lllite_models or --control_net_models")
 
 
 def load_wildcards(config: GenerationConfig) -> WildcardSet | None:
@@ -246,7 +225,7 @@ def _request(config: GenerationConfig, spec: PromptSpec, k: int, j: int, base_se
         negative = config.negative_prompt.render(rng, wildcards)
     width = spec.width or config.width
     height = spec.height or config.height
-    where = _where(spec)
+    where = where_in_prompts(spec)
     _check_size(width, height, LATENT_FACTOR, "the VAE works on 8x8 pixel blocks", where)
     control = spec.control_image or (guides[k % len(guides)] if guides else None)
     if config.lllite:
@@ -301,7 +280,7 @@ def make_batches(requests: Sequence[ImageRequest], batch_size: int) -> list[list
 
 # ----------------------------------------------------------------------------------------------------- networks
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class AttachedNetworks:
@@ -324,24 +303,10 @@ class AttachedNetworks:
 
     def _add_network(self, spec: NetworkSpec, models: Any, text_encoders: list, merge: bool,
                      device: torch.device, dtype: torch.dtype) -> None:
-        try:
-            module = importlib.import_module(spec.module)
-        except ImportError as exc:
-            raise UserError(f"--network_module '{spec.module}': cannot import it ({exc})") from None
-        if not hasattr(module, "create_network_from_weights"):
-            raise UserError(f"--network_module '{spec.module}' has no create_network_from_weights()")
-        network, weights = module.create_network_from_weights(
-            spec.multiplier, spec.weights, models.vae, text_encoders, models.unet, for_inference=True)
-        if merge:
-            merged = network.merge_to(text_encoders, models.unet, weights, device=device)
-            logger.info("%s: merged %d modules at multiplier %g", spec.weights, merged, spec.multiplier)
+        network = attach_network_file(spec.module, spec.weights, spec.multiplier, models.vae, text_encoders,
+                                      models.unet, merge, device, dtype)
+        if network is None:  # merged into the weights
             return
-        has_te = any(k.startswith("lora_te") for k in weights)
-        has_unet = any(k.startswith("lora_unet") for k in weights)
-        network.apply_to(text_encoders, models.unet, apply_text_encoder=has_te, apply_unet=has_unet)
-        info = network.load_weights(weights) if hasattr(network, "load_weights") else network.load_state_dict(weights)
-        logger.info("%s: %s", spec.weights, info)
-        network.to(device, dtype).eval()
         self.networks.append(network)
 
     def set_multipliers(self, muls: Sequence[float] | None) -> None:
@@ -357,7 +322,7 @@ class AttachedNetworks:
             lllite.set_cond_image(cond)
 
 
-# ----------------------------------------------------------------------------------------------------- generation
+# ----------------------------------------------------------------------------------------------------- images
 
 
 def load_rgb(path: str, size: tuple[int, int]) -> Image.Image:
@@ -388,7 +353,7 @@ def initial_noise(generators: Sequence[torch.Generator], channels: int, height: 
     return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
 
 
-def _move(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def move_model(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Move only when needed (diffusers warns on every dtype cast, even a no-op one)."""
     param = next(model.parameters())
     if param.device != device or param.dtype != dtype:
@@ -403,108 +368,6 @@ def resolve_device(name: str | None) -> torch.device:
         except RuntimeError as exc:
             raise UserError(f"--device '{name}': {exc}") from None
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-class SDXLGenerator:
-    """Runs planned requests on loaded models and writes the PNGs."""
-
-    def __init__(self, models: Any, config: GenerationConfig, device: torch.device):
-        from library.families.sdxl import SDXLFamily
-
-        self.config = config
-        self.device = device
-        self.dtype = _DTYPES[config.dtype]
-        # SDXL's VAE overflows in fp16: decode in fp32 then (bf16 has the range)
-        self.vae_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
-        for model in (models.unet, models.text_encoder1, models.text_encoder2):
-            _move(model, device, self.dtype)
-        _move(models.vae, device, self.vae_dtype)
-        self.models = models
-        self.networks = AttachedNetworks(models, config, device, self.dtype)
-        family_models = {"vae": models.vae, "unet": models.unet,
-                         "text_encoders": [models.text_encoder1, models.text_encoder2],
-                         "tokenizers": [models.tokenizer1, models.tokenizer2]}
-        self.pipe = SDXLFamily().build_pipeline(family_models, config.sampler)
-        self._img2img = None
-        self.controlnets: list = []
-        self.controlnet_pipe = None
-        if config.controlnets:
-            from library.sample.controlnets import build_sdxl_pipeline, load_controlnets
-
-            self.controlnets = load_controlnets(config.controlnets, "sdxl", models.unet, device, self.dtype)
-            if self.controlnets:
-                self.controlnet_pipe = build_sdxl_pipeline(self.pipe, self.controlnets)
-        self.run_stamp = time.strftime("%Y%m%d%H%M%S")
-        self.sampler = canonical_sampler_name(config.sampler)
-
-    @property
-    def img2img(self):
-        if self._img2img is None:
-            from diffusers import StableDiffusionXLImg2ImgPipeline
-
-            self._img2img = StableDiffusionXLImg2ImgPipeline(**self.pipe.components)
-            self._img2img.set_progress_bar_config(disable=True)
-        return self._img2img
-
-    @torch.no_grad()
-    def generate(self, requests: Sequence[ImageRequest]) -> list[Path]:
-        paths: list[Path] = []
-        batches = make_batches(requests, self.config.batch_size)
-        for number, batch in enumerate(batches, start=1):
-            logger.info("batch %d/%d: %d image(s)", number, len(batches), len(batch))
-            images = self._run_batch(batch)
-            paths += [self._save(req, image) for req, image in zip(batch, images)]
-        return paths
-
-    def _run_batch(self, batch: list[ImageRequest]) -> list[Image.Image]:
-        first = batch[0]
-        size = (first.width, first.height)
-        self.networks.set_multipliers(first.network_muls)
-        control = None
-        if first.control_image is not None:
-            control = images_to_tensor(load_rgb(r.control_image, size) for r in batch).to(self.device)
-        self.networks.set_control(control)
-        generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in batch]
-        kwargs: dict[str, Any] = dict(
-            prompt=[r.prompt for r in batch],
-            negative_prompt=None if first.negative_prompt is None else [r.negative_prompt for r in batch],
-            num_inference_steps=first.steps,
-            guidance_scale=first.scale,
-            generator=generators,
-            original_size=(first.original_size[1], first.original_size[0]),
-            target_size=(first.height, first.width),
-            crops_coords_top_left=first.crop,
-            output_type="latent",
-        )
-        if first.init_image is not None:
-            init = [load_rgb(r.init_image, size) for r in batch]
-            latents = self.img2img(image=init, strength=first.strength, **kwargs).images
-        else:
-            noise = initial_noise(generators, self.pipe.unet.config.in_channels, first.height, first.width)
-            pipe = self.pipe
-            if self.controlnet_pipe is not None and first.controlnet_images is not None:
-                from library.sample.controlnets import sdxl_call_kwargs
-
-                pipe = self.controlnet_pipe
-                kwargs.update(sdxl_call_kwargs(self.controlnets, controlnet_images(batch, size, self.controlnets)))
-            latents = pipe(width=first.width, height=first.height, latents=noise.to(self.device, self.dtype),
-                           **kwargs).images
-        self.networks.set_control(None)
-        return self._decode(latents)
-
-    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        vae = _move(self.models.vae, self.device, self.vae_dtype)  # img2img may have cast it while encoding
-        chunk = self.config.vae_batch_size or latents.shape[0]
-        images: list[Image.Image] = []
-        for start in range(0, latents.shape[0], chunk):
-            part = latents[start:start + chunk].to(self.device, self.vae_dtype) / vae.config.scaling_factor
-            pixels = (vae.decode(part).sample.float() / 2 + 0.5).clamp(0, 1)
-            arrays = (pixels.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
-            images += [Image.fromarray(a) for a in arrays]
-        return images
-
-    def _save(self, req: ImageRequest, image: Image.Image) -> Path:
-        return save_request_png(self.config, req, image, self.run_stamp, self.sampler)
 
 
 def controlnet_images(batch: Sequence[ImageRequest], size: tuple[int, int], loaded: Sequence[Any]) -> list:
@@ -539,23 +402,39 @@ def save_request_png(config: GenerationConfig, req: ImageRequest, image: Image.I
     return save_png_with_info(image, path, info)
 
 
-def run_generation(config: GenerationConfig) -> list[Path]:
-    """Check the inputs, plan every image, load the model and networks, generate; returns the PNG paths."""
-    from library.models.sdxl_loader import load_sdxl
-
-    check_config(config)
-    wildcards = load_wildcards(config)
-    base_seed = config.seed if config.seed is not None else random.SystemRandom().randrange(SEED_RANGE)
-    requests = plan_requests(config, wildcards, base_seed)
-    logger.info("%d image(s) planned, run seed %d", len(requests), base_seed)
-    device = resolve_device(config.device)
-    models = load_sdxl(config.model, torch.float32, config.tokenizer_cache_dir, config.allow_pickle)
-    generator = SDXLGenerator(models, config, device)
-    return generator.generate(requests)
+# ----------------------------------------------------------------------------------------------------- progress
 
 
-__all__ = [
-    "GenerationConfig", "ImageRequest", "LLLiteSpec", "NetworkSpec", "SDXLGenerator", "AttachedNetworks",
-    "check_config", "derive_seed", "list_images", "load_wildcards", "make_batches", "plan_requests",
-    "run_generation",
-]
+class ImageProgress:
+    """Two progress bars with ETA: images done of the run (outer) and denoising steps of the current pipeline call
+    (inner, diffusers' own bar, one per batch). Generation of a synthetic data set runs for hours: the user sees
+    how far it is and when it ends."""
+
+    def __init__(self, total: int, batches: int, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = tqdm(total=total, unit="image", desc="images", position=0, dynamic_ncols=True,
+                        disable=not enabled)
+        self.batches = batches
+        self.number = 0
+
+    def show_steps(self, pipe: Any) -> None:
+        """Turn the pipeline's per-step bar on (families build their pipelines quiet, for sampling in training)."""
+        self.number += 1
+        if not self.enabled:
+            pipe.set_progress_bar_config(disable=True)
+            return
+        pipe.set_progress_bar_config(desc=f"batch {self.number}/{self.batches} steps", unit="step", position=1,
+                                     leave=False, dynamic_ncols=True)
+
+    def done(self, images: int) -> None:
+        self.bar.update(images)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> "ImageProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

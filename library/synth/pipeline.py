@@ -20,7 +20,7 @@ from typing import Any, Callable
 from PIL import Image
 
 from library.errors import UserError
-from library.sample.sdxl_generate import derive_seed
+from library.sample.generation import derive_seed
 from library.synth import backends, conditioning, filtering, prompts, records, training
 from library.synth.yolo_labels import YoloLabelWriter
 
@@ -296,7 +296,7 @@ class Generator:
 
     def __init__(self, o: SynthOptions, lora: str | None, staging: Path):
         from library.sample.controlnets import ControlNetSpec
-        from library.sample.sdxl_generate import GenerationConfig, LLLiteSpec, NetworkSpec, resolve_device
+        from library.sample.generation import GenerationConfig, LLLiteSpec, NetworkSpec, resolve_device
 
         backend = backends.get_backend(o.backend)
         self.guide_types, union = controlnet_guides(o)
@@ -318,7 +318,7 @@ class Generator:
         self.lllite = bool(o.lllite_path)
 
     def __call__(self, plan: SamplePlan, conditions: dict[str, Path]) -> Path:
-        from library.sample.sdxl_generate import ImageRequest
+        from library.sample.generation import ImageRequest
 
         w, h = plan.size
         guides = (tuple(str(conditions[t]) for t in self.guide_types),) if self.guide_types else None
@@ -340,7 +340,7 @@ def run(o: SynthOptions, detector_factory: Callable[[SynthOptions], filtering.De
     out.mkdir(parents=True, exist_ok=True)
     # LLLite is guided by the source's canny map, a ControlNet by its guide types' maps: make those too
     types = list(dict.fromkeys(guiding_types(o) + list(o.controlnet_types)))
-    from library.sample.sdxl_generate import resolve_device
+    from library.sample.generation import resolve_device
 
     makers = conditioning.build_makers(types, o.depth_model, o.canny_thresholds, str(resolve_device(o.device)))
     lora = _resolve_lora(o, sources, out)

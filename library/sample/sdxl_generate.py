@@ -1,0 +1,168 @@
+"""SDXL batch generation (`sdxl_gen_img.py`): text-to-image, img2img, ControlNet-LLLite and ControlNets on the
+shared planning, networks, progress and saving of `library.sample.generation`; the pipeline is
+`SDXLFamily.build_pipeline`. Latents are decoded in --vae_batch_size chunks.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from library.errors import ModelLoadError, UserError
+from library.families.sdxl import SDXLFamily
+from library.prompts.samplers import canonical_sampler_name
+from library.sample.controlnets import build_sdxl_pipeline, check_specs, load_controlnets, sdxl_call_kwargs
+from library.sample.generation import (
+    DTYPES, SEED_RANGE, AttachedNetworks, GenerationConfig, ImageProgress, ImageRequest, check_common,
+    controlnet_images, images_to_tensor, initial_noise, load_rgb, load_wildcards, make_batches, move_model,
+    plan_requests, resolve_device, save_request_png, where_in_prompts,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def check_config(config: GenerationConfig) -> None:
+    """Reject option combinations that cannot work, before any model is loaded."""
+    check_common(config)
+    check_control(config)
+
+
+def check_control(config: GenerationConfig) -> None:
+    """LLLite / ControlNet inputs: guide images need a model that uses them (SDXL's rule for --cn too)."""
+    if config.guide_image_path and not config.lllite and not config.controlnets:
+        raise UserError("--guide_image_path is given but no --control_net_lllite_models / --control_net_models "
+                        "to use it")
+    for spec in config.lllite:
+        if not os.path.isfile(spec.weights):
+            raise ModelLoadError(f"--control_net_lllite_models '{spec.weights}': no such file")
+    check_specs(config.controlnets)
+    if config.controlnets and config.image_path:
+        raise UserError("--control_net_models cannot be combined with --image_path (img2img) yet")
+    for p in config.prompts:
+        if p.control_image and not config.lllite and not config.controlnets:
+            raise UserError(f"{where_in_prompts(p)}: --cn needs --control_net_lllite_models or --control_net_models")
+
+
+class SDXLGenerator:
+    """Runs planned requests on loaded models and writes the PNGs."""
+
+    def __init__(self, models: Any, config: GenerationConfig, device: torch.device):
+        self.config = config
+        self.device = device
+        self.dtype = DTYPES[config.dtype]
+        # SDXL's VAE overflows in fp16: decode in fp32 then (bf16 has the range)
+        self.vae_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
+        for model in (models.unet, models.text_encoder1, models.text_encoder2):
+            move_model(model, device, self.dtype)
+        move_model(models.vae, device, self.vae_dtype)
+        self.models = models
+        self.networks = AttachedNetworks(models, config, device, self.dtype)
+        family_models = {"vae": models.vae, "unet": models.unet,
+                         "text_encoders": [models.text_encoder1, models.text_encoder2],
+                         "tokenizers": [models.tokenizer1, models.tokenizer2]}
+        self.pipe = SDXLFamily().build_pipeline(family_models, config.sampler)
+        self._img2img = None
+        self.controlnets: list = []
+        self.controlnet_pipe = None
+        if config.controlnets:
+            self.controlnets = load_controlnets(config.controlnets, "sdxl", models.unet, device, self.dtype)
+            if self.controlnets:
+                self.controlnet_pipe = build_sdxl_pipeline(self.pipe, self.controlnets)
+        self.run_stamp = time.strftime("%Y%m%d%H%M%S")
+        self.sampler = canonical_sampler_name(config.sampler)
+        self.progress = ImageProgress(0, 0, enabled=False)  # generate() shows one per run
+
+    @property
+    def img2img(self):
+        if self._img2img is None:
+            from diffusers import StableDiffusionXLImg2ImgPipeline
+
+            self._img2img = StableDiffusionXLImg2ImgPipeline(**self.pipe.components)
+            self._img2img.set_progress_bar_config(disable=True)
+        return self._img2img
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[ImageRequest]) -> list[Path]:
+        paths: list[Path] = []
+        batches = make_batches(requests, self.config.batch_size)
+        with ImageProgress(len(requests), len(batches)) as self.progress:
+            for batch in batches:
+                images = self._run_batch(batch)
+                paths += [self._save(req, image) for req, image in zip(batch, images)]
+                self.progress.done(len(batch))
+        return paths
+
+    def _run_batch(self, batch: list[ImageRequest]) -> list[Image.Image]:
+        first = batch[0]
+        size = (first.width, first.height)
+        self.networks.set_multipliers(first.network_muls)
+        control = None
+        if first.control_image is not None:
+            control = images_to_tensor(load_rgb(r.control_image, size) for r in batch).to(self.device)
+        self.networks.set_control(control)
+        generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in batch]
+        kwargs: dict[str, Any] = dict(
+            prompt=[r.prompt for r in batch],
+            negative_prompt=None if first.negative_prompt is None else [r.negative_prompt for r in batch],
+            num_inference_steps=first.steps,
+            guidance_scale=first.scale,
+            generator=generators,
+            original_size=(first.original_size[1], first.original_size[0]),
+            target_size=(first.height, first.width),
+            crops_coords_top_left=first.crop,
+            output_type="latent",
+        )
+        if first.init_image is not None:
+            init = [load_rgb(r.init_image, size) for r in batch]
+            self.progress.show_steps(self.img2img)
+            latents = self.img2img(image=init, strength=first.strength, **kwargs).images
+        else:
+            noise = initial_noise(generators, self.pipe.unet.config.in_channels, first.height, first.width)
+            pipe = self.pipe
+            if self.controlnet_pipe is not None and first.controlnet_images is not None:
+                pipe = self.controlnet_pipe
+                kwargs.update(sdxl_call_kwargs(self.controlnets, controlnet_images(batch, size, self.controlnets)))
+            self.progress.show_steps(pipe)
+            latents = pipe(width=first.width, height=first.height, latents=noise.to(self.device, self.dtype),
+                           **kwargs).images
+        self.networks.set_control(None)
+        return self._decode(latents)
+
+    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        vae = move_model(self.models.vae, self.device, self.vae_dtype)  # img2img may have cast it while encoding
+        chunk = self.config.vae_batch_size or latents.shape[0]
+        images: list[Image.Image] = []
+        for start in range(0, latents.shape[0], chunk):
+            part = latents[start:start + chunk].to(self.device, self.vae_dtype) / vae.config.scaling_factor
+            pixels = (vae.decode(part).sample.float() / 2 + 0.5).clamp(0, 1)
+            arrays = (pixels.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+            images += [Image.fromarray(a) for a in arrays]
+        return images
+
+    def _save(self, req: ImageRequest, image: Image.Image) -> Path:
+        return save_request_png(self.config, req, image, self.run_stamp, self.sampler)
+
+
+def run_generation(config: GenerationConfig) -> list[Path]:
+    """Check the inputs, plan every image, load the model and networks, generate; returns the PNG paths."""
+    from library.models.sdxl_loader import load_sdxl
+
+    check_config(config)
+    wildcards = load_wildcards(config)
+    base_seed = config.seed if config.seed is not None else random.SystemRandom().randrange(SEED_RANGE)
+    requests = plan_requests(config, wildcards, base_seed)
+    logger.info("%d image(s) planned, run seed %d", len(requests), base_seed)
+    device = resolve_device(config.device)
+    models = load_sdxl(config.model, torch.float32, config.tokenizer_cache_dir, config.allow_pickle)
+    generator = SDXLGenerator(models, config, device)
+    return generator.generate(requests)
+
+
+
+__all__ = ["SDXLGenerator", "check_config", "check_control", "run_generation"]
