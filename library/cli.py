@@ -14,7 +14,7 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
         return int(main(argv) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return int(getattr(e, "exit_code", 1))  # e.g. 143 for a run stopped by SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

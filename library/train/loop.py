@@ -22,6 +22,9 @@ from library.families.interface import ModelFamily
 from library.families.registry import get_family
 from library.train.loop_math import all_reduce_mean_, masked_mse, nonfinite_grads, step_generator
 from library.train.network_adapter import TrainNetwork, build_network
+from library.train.preflight import preflight
+from library.train.rescue import (RescueReport, StopSignal, TrainingTerminated, rescue_folders, save_everything,
+                                  tell)
 from library.train.scale_out import (ShardingOptions, check_sharding_compatible, local_share, shard_frozen_model,
                                      take_sharding_request)
 
@@ -104,6 +107,7 @@ def build_session(cfg: RunConfig) -> Session:
     from library.train.data_setup import build_datasets, setup_caches
     from library.train.optim import build_optimizer, build_scheduler
 
+    preflight(cfg)  # everything checkable before the models load: images, prompts, output folder, network module
     log_with = cfg.log.log_with or ("tensorboard" if cfg.log.logging_dir else None)
     if log_with in ("tensorboard", "all") and not cfg.log.logging_dir:
         raise UserError(f"--log_with {log_with} writes TensorBoard logs: give --logging_dir")
@@ -167,6 +171,10 @@ class Trainer:
                                     batches_per_epoch=session.batches_per_epoch, seed=session.cfg.training.seed)
         self.losses: list[float] = []
         self._evaluator = None
+        self._bar: tqdm | None = None
+        self._stop = StopSignal()
+        self._boundary = (0, 0)  # (epoch, batch_in_epoch) after the last optimizer step: where a rescue resumes
+        self._final_saved = False
 
     # --- one step -----------------------------------------------------------------------------------------------
     def _loss(self, batch: Any, micro: int, first_position: int) -> torch.Tensor:
@@ -243,25 +251,41 @@ class Trainer:
             return None
         return training_metadata(s.cfg, s.datasets, self.state, s.network)
 
-    def save_network(self, file_name: str) -> str:
+    def save_network(self, file_name: str, folder: str | None = None, barrier: bool = True) -> str:
+        """Write the network from the main process. `folder` defaults to --output_dir (a rescue may pick another);
+        `barrier=False` skips the wait for the other processes, for a rescue after an error on one process."""
         s = self.s
-        path = os.path.join(s.cfg.save.output_dir, file_name)
+        folder = folder or s.cfg.save.output_dir
+        path = os.path.join(folder, file_name)
         if s.accelerator.is_main_process:
-            os.makedirs(s.cfg.save.output_dir, exist_ok=True)
+            os.makedirs(folder, exist_ok=True)
             dtype = SAVE_DTYPES.get(s.cfg.save.save_precision or "", None)
             s.network.module.save_weights(path, dtype, self._metadata())
-        s.accelerator.wait_for_everyone()
+        if barrier:
+            s.accelerator.wait_for_everyone()
         return path
 
     def save_state(self, dir_name: str) -> None:
         ckpt.save_state(self.s, self.state, os.path.join(self.s.cfg.save.output_dir, dir_name))
 
+    def _bar_says(self, what: str | None) -> None:
+        """Show on the progress bar what the run is doing between steps (sampling can take minutes)."""
+        if self._bar is not None:
+            self._bar.set_description_str(what or "steps", refresh=True)
+
     def sample(self) -> None:
+        if not self.s.cfg.sample.sample_prompts:
+            return
+        self._bar_says("sampling…")
+        try:
+            self._sample()
+        finally:
+            self._bar_says(None)
+
+    def _sample(self) -> None:
         from library.train.sampling import sample_during_training
 
         s = self.s
-        if not s.cfg.sample.sample_prompts:
-            return
         if s.sharded:  # the sharded model needs every process in each forward; the main one writes
             sample_during_training(s, self.state.global_step, write=s.accelerator.is_main_process)
         elif s.accelerator.is_main_process:
@@ -270,7 +294,11 @@ class Trainer:
     def validate(self) -> None:
         from library.train.validation import validation_loss
 
-        value = validation_loss(self.s)
+        self._bar_says("validation…")
+        try:
+            value = validation_loss(self.s)
+        finally:
+            self._bar_says(None)
         if value is None:
             return
         self.s.accelerator.print(f"step {self.state.global_step}: validation loss {value:.5f}")
@@ -281,9 +309,13 @@ class Trainer:
 
         if not self.s.accelerator.is_main_process:
             return
-        if self._evaluator is None:
-            self._evaluator = TrainingEvaluator(self.s)
-        self._evaluator.evaluate(self.state.global_step)
+        self._bar_says("evaluating…")
+        try:
+            if self._evaluator is None:
+                self._evaluator = TrainingEvaluator(self.s)
+            self._evaluator.evaluate(self.state.global_step)
+        finally:
+            self._bar_says(None)
 
     def _after_step(self) -> None:
         s, sv, sp = self.s, self.s.cfg.save, self.s.cfg.sample
@@ -338,18 +370,32 @@ class Trainer:
         bar = tqdm(total=s.total_steps, initial=self.state.global_step, disable=not acc.is_local_main_process,
                    desc="steps")
         loss_log = open(cfg.log.loss_log_file, "a", encoding="utf-8") if cfg.log.loss_log_file and acc.is_main_process else None
+        self._bar = bar
+        self._stop.install()  # from here on SIGTERM stops at the next step boundary, after saving
         try:
-            self._epochs(bar, loss_log)
-        except KeyboardInterrupt:
-            acc.print("interrupted: saving weights and state")
-            self.save_network(f"{cfg.save.output_name}-interrupted.safetensors")
-            self.save_state(f"{cfg.save.output_name}-interrupted-state")
+            try:
+                self._epochs(bar, loss_log)
+            finally:
+                bar.close()
+                self._bar = None
+                if loss_log:
+                    loss_log.close()
+            out = self._finish()
+        except BaseException as error:  # any error, Ctrl-C or SIGTERM: save first, then report it
+            replacement = self._stopped_early(error)
+            if replacement is not None:
+                raise replacement from None
             raise
         finally:
-            bar.close()
-            if loss_log:
-                loss_log.close()
+            self._stop.restore()
+        acc.end_training()
+        return TrainResult(out, self.state.global_step, self.losses)
+
+    def _finish(self) -> str:
+        """The final network, the final evaluation and the final state; returns the network's path."""
+        s, cfg, acc = self.s, self.s.cfg, self.s.accelerator
         out = self.save_network(f"{cfg.save.output_name}.safetensors")
+        self._final_saved = True
         if torch.cuda.is_available():
             acc.print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB")
         if cfg.validation.evaluates and acc.is_main_process:
@@ -359,22 +405,72 @@ class Trainer:
                 acc.print(f"wrote {written}")
         if cfg.save.save_state or cfg.save.save_state_on_train_end:
             self.save_state(f"{cfg.save.output_name}-state")
-        acc.end_training()
-        return TrainResult(out, self.state.global_step, self.losses)
+        return out
+
+    def _stopped_early(self, error: BaseException) -> BaseException | None:
+        """Save the network and the state as of the last optimizer step before the error is reported (see
+        library/train/rescue.py); return the exception to raise instead of `error` (a SIGTERM's), or None."""
+        s, acc, name = self.s, self.s.accelerator, self.s.cfg.save.output_name
+        step = self.state.global_step
+        terminated = isinstance(error, TrainingTerminated)
+        why = "SIGTERM" if terminated else "Ctrl-C" if isinstance(error, KeyboardInterrupt) else type(error).__name__
+        if step < 1 or self._final_saved:
+            if terminated:
+                return TrainingTerminated(f"stopped by SIGTERM at step {step}: "
+                                          + ("the final network was saved" if self._final_saved else
+                                             "no step was done, nothing to save"))
+            if self._final_saved and acc.is_main_process:
+                tell([f"the final network was saved to {s.cfg.save.output_dir} before this error"])
+            return None
+        # the optimizer has stepped `step` times; micro-batches accumulated since then are not in the weights
+        self.state.epoch, self.state.batch_in_epoch = self._boundary
+        collective = acc.num_processes == 1 or terminated  # a SIGTERM is agreed on by every process at one step
+        if acc.is_main_process:
+            tell([f"training stopped at step {step} ({why}): saving the network"
+                  + (" and the training state" if collective else "") + " first"])
+        folders = rescue_folders(s.cfg.save.output_dir, name)
+        report = RescueReport()
+        try:
+            report = save_everything(folders, name, collective, acc.is_main_process,
+                                     lambda folder, file, barrier: self.save_network(file, folder, barrier),
+                                     self.save_state)
+        finally:
+            if acc.is_main_process:
+                lines = report.lines(step)
+                if not collective:
+                    lines.append("the state was not saved: the error happened on one process, and saving the "
+                                 "state needs all of them")
+                tell(lines)
+        if terminated:
+            saved = report.state or report.weights
+            return TrainingTerminated(f"stopped by SIGTERM at step {step}"
+                                      + (f"; saved to {os.path.dirname(saved) or '.'}" if saved else
+                                         "; nothing could be saved"))
+        return None
 
     def _epochs(self, bar: tqdm, loss_log: Any) -> None:
         s, acc = self.s, self.s.accelerator
         accum = s.cfg.training.gradient_accumulation_steps
+        self._boundary = (self.state.epoch, self.state.batch_in_epoch)
+        at_boundary = True
         while self.state.global_step < s.total_steps:
             plan = plan_epoch(s.datasets, self.state.epoch, s.cfg.training.seed)
+            s.network.on_epoch_start()
             for i in range(self.state.batch_in_epoch, len(plan)):
+                if at_boundary and self._stop.agreed(acc):
+                    raise TrainingTerminated("SIGTERM")  # _stopped_early saves and words the message
                 with acc.accumulate(s.network.module):
                     loss = self._micro_step(plan[i], i % accum)
                 self.state.batch_in_epoch = i + 1
-                if not acc.sync_gradients:
+                at_boundary = acc.sync_gradients
+                if not at_boundary:
                     continue
                 s.scheduler.step()
                 self.state.global_step += 1
+                norms = s.network.after_optimizer_step(acc.device)  # --scale_weight_norms
+                if norms:
+                    acc.log(norms, step=self.state.global_step)
+                self._boundary = (self.state.epoch, self.state.batch_in_epoch)
                 value = loss.detach().item()
                 self.losses.append(value)
                 lr = s.scheduler.get_last_lr()[0]
@@ -390,6 +486,8 @@ class Trainer:
                     return
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
+            if at_boundary:
+                self._boundary = (self.state.epoch, 0)
             self._after_epoch(self.state.epoch)
 
 

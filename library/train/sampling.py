@@ -31,6 +31,43 @@ def requests_from_prompt_file(path: str, default_size: tuple[int, int], seed: in
     return requests
 
 
+def check_sampler(name: str) -> None:
+    """Raise the sampler module's own error for an unknown --sample_sampler (found before training, not at the
+    first sample step)."""
+    from library.prompts.samplers import canonical_sampler_name
+
+    canonical_sampler_name(name)
+
+
+def check_prompt_file(path: str, seed: int) -> list[str]:
+    """Everything wrong with a --sample_prompts file that sampling would hit later, as messages naming the file and
+    line: its syntax and option values (parsed and rendered as `requests_from_prompt_file` does) and the control
+    images (`--cn`) it names."""
+    from library.data.images import ImageLoadError, image_size
+    from library.errors import UserError
+    from library.prompts.language import read_prompt_file
+
+    try:
+        requests_from_prompt_file(path, (64, 64), seed)
+        specs = read_prompt_file(path)
+    except UserError as e:
+        return [str(e)]
+    problems = []
+    for spec in specs:
+        control = getattr(spec, "control_image", None)
+        if not control:
+            continue
+        where = f"{path} line {spec.line_no}"
+        if not os.path.isfile(control):
+            problems.append(f"{where}: the control image '--cn {control}' does not exist")
+            continue
+        try:
+            image_size(control)
+        except ImageLoadError as e:
+            problems.append(f"{where}: --cn {e}")
+    return problems
+
+
 def sample_during_training(session: Any, step: int, out_dir: str | None = None, multiplier: float | None = None,
                            log_images: bool = True, write: bool = True) -> list[str]:
     """Generate the sample prompts with the network as it is now (or at `multiplier`, e.g. 0 for the base model);
