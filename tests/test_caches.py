@@ -325,3 +325,160 @@ def test_image_shared_by_two_subsets_gets_one_file_with_flip(tmp_path):
     assert torch.equal(cache.get(0, False), cache.get(n, False))
     assert cache.get(0, True).shape == cache.get(0, False).shape
     assert LatentCache("fake-vae", "disk").ensure(shared, enc, 4, progress=False) == 0
+
+
+# ---- provenance on every read, content identity, hostile files ----------------------------------------------------
+
+class ScaledEncoder(FakeEncoder):
+    """Another "VAE": same shapes, different latents."""
+
+    def __call__(self, images):
+        return super().__call__(images) * 3.0 + 1.0
+
+
+def _hostile(kind: str, data: bytes) -> bytes:
+    import json
+    import struct
+
+    if kind == "deep_json":  # 100k-deep nesting: json's recursion limit
+        header = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
+        return struct.pack("<Q", len(header)) + header
+    if kind == "huge_length":
+        return struct.pack("<Q", 2 ** 62) + data[8:]
+    if kind == "truncated":
+        return data[: len(data) - 7]
+    if kind == "metadata_not_strings":
+        header = json.dumps({"__metadata__": {"encoder_id": ["x"]}}).encode()
+        return struct.pack("<Q", len(header)) + header
+    if kind == "bad_offsets":
+        header = json.dumps({"latents": {"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}}).encode()
+        return struct.pack("<Q", len(header)) + header + b"\0" * 16
+    raise ValueError(kind)
+
+
+HOSTILE = ["deep_json", "huge_length", "truncated", "metadata_not_strings", "bad_offsets"]
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_storage_hostile_headers_are_cache_corrupt(tmp_path, kind):
+    path = tmp_path / "x.safetensors"
+    save_tensors_atomic(str(path), {"a": torch.randn(64)}, {"k": "v"})
+    path.write_bytes(_hostile(kind, path.read_bytes()))
+    with pytest.raises(CacheCorrupt, match="x.safetensors"):
+        read_metadata(str(path))
+    with pytest.raises(CacheCorrupt, match="x.safetensors"):
+        load_tensors(str(path))
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_hostile_latent_file_rebuilt_at_start_and_on_read(tmp_path, kind, caplog):
+    ds = make_dataset(tmp_path)
+    LatentCache("fake-vae", "disk").ensure(ds, FakeEncoder(), 2, progress=False)
+    path = latent_cache_path(ds.items[1])
+    good = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(_hostile(kind, good))
+    cache = LatentCache("fake-vae", "disk")
+    with caplog.at_level("WARNING"):
+        assert cache.ensure(ds, FakeEncoder(), 2, progress=False) == 1
+    assert "rebuilding 1 file(s)" in caplog.text and "unreadable: 1" in caplog.text
+    with open(path, "wb") as f:  # damaged again while training: the read re-encodes instead of raising
+        f.write(_hostile(kind, good))
+    want = FakeEncoder()(ds.load_item_pixels(1)[0][None])[0]
+    assert torch.allclose(cache.get(1, False), want, atol=1e-6)
+    assert cache.rebuilt_on_read == 1 and read_metadata(path)["encoder_id"] == "fake-vae"
+
+
+def test_shared_cache_with_another_vae_is_checked_on_every_read(tmp_path, caplog):
+    """Two runs share the folder with different VAEs: B rewrites the files after A validated them at start-up.
+    A must never train on B's latents: each read checks the provenance and re-encodes with A's VAE."""
+    ds = make_dataset(tmp_path, flip_aug=True)
+    enc_a, enc_b = FakeEncoder(), ScaledEncoder()
+    cache_a = LatentCache("vae-A", "disk")
+    assert cache_a.ensure(ds, enc_a, 2, progress=False) == len(SIZES)
+    cache_b = LatentCache("vae-B", "disk")
+    assert cache_b.ensure(make_dataset(tmp_path, flip_aug=True), enc_b, 2, progress=False) == len(SIZES)
+    with caplog.at_level("WARNING"):
+        for i in range(len(SIZES)):
+            px = ds.load_item_pixels(i)[0]
+            assert torch.allclose(cache_a.get(i, False), FakeEncoder()(px[None])[0], atol=1e-6)
+            assert torch.allclose(cache_a.get(i, True), FakeEncoder()(px.flip(-1)[None])[0], atol=1e-6)
+    assert cache_a.rebuilt_on_read == len(SIZES)
+    assert "encoder_id differs" in caplog.text
+    # and B, reading next, gets its own latents back
+    px = ds.load_item_pixels(0)[0]
+    assert torch.allclose(cache_b.get(0, False), ScaledEncoder()(px[None])[0], atol=1e-6)
+
+
+def test_replaced_image_with_same_size_and_mtime_is_rebuilt(tmp_path):
+    """The source is identified by its bytes: a replaced image that keeps the file size and mtime (a copy with
+    preserved times, a re-export) still invalidates its latents."""
+    d = tmp_path / "img"
+    d.mkdir()
+    path = d / "0.bmp"  # BMP: same dimensions, same file size
+    Image.fromarray(np.full((64, 64, 3), 10, np.uint8)).save(path)
+    st = os.stat(path)
+    sub = SubsetConfig(table="datasets[0].subsets[0]", image_dir=str(d))
+    cfg = DatasetConfig(table="datasets[0]", kind="dreambooth", resolution=(64, 64), subsets=[sub])
+
+    def dataset():
+        return TrainDataset(cfg, [[ImageRecord(str(path), "c", 0)]], seed=0)
+
+    cache = LatentCache("fake-vae", "disk")
+    assert cache.ensure(dataset(), FakeEncoder(), 1, progress=False) == 1
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_size == st.st_size and os.stat(path).st_mtime_ns == st.st_mtime_ns
+    ds = dataset()
+    fresh = LatentCache("fake-vae", "disk")
+    assert fresh.ensure(ds, FakeEncoder(), 1, progress=False) == 1
+    assert float(fresh.get(0, False).mean()) > 0.5  # the bright new image, not the dark old one
+    assert read_metadata(latent_cache_path(ds.items[0]))["source_blake2b"]
+
+
+def test_text_cache_checked_on_every_read(tmp_path, caplog):
+    cache_dir = str(tmp_path / "te")
+    cache = TextOutputCache("te-1", "disk", cache_dir)
+    enc = FakeTextEncoder()
+    cache.ensure(["x", "yy"], enc, 8, progress=False)
+    # another writer puts another caption's outputs (and metadata) at "x"'s path, then a hostile file at "yy"'s
+    save_tensors_atomic(cache.path_for("x"), FakeTextEncoder()(["zzzz"]) | {},
+                        {"format_version": "1", "encoder_id": "te-1", "caption": "zzzz"})
+    with open(cache.path_for("yy"), "wb") as f:
+        f.write(_hostile("deep_json", b""))
+    with caplog.at_level("WARNING"):
+        assert float(cache.get("x")["pooled"]) == 2.0
+        assert float(cache.get("yy")["pooled"]) == 4.0
+    assert cache.rebuilt_on_read == 2 and "re-encoding" in caplog.text
+    assert read_metadata(cache.path_for("x"))["caption"] == "x"
+    assert cache.get("x")["hidden"].shape == (3, 4) and cache.rebuilt_on_read == 2
+
+
+def test_identities_see_every_weight_and_the_tokenizer():
+    from library.cache.provenance import text_identity, tokenizer_digest, vae_identity, weights_digest
+
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(7)])
+    b = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(7)])
+    b.load_state_dict(a.state_dict())
+    assert weights_digest(a) == weights_digest(b)
+    with torch.no_grad():
+        b[2].weight[3, 3] += 1e-3  # one weight, away from the first, middle and last tensors
+    assert weights_digest(a) != weights_digest(b)
+    assert vae_identity("fam", a) != vae_identity("fam", b)
+    big = torch.nn.Linear(2048, 1024)  # above the full-hash size: sampled, still sensitive to a global change
+    before = weights_digest(big)
+    with torch.no_grad():
+        big.weight.mul_(1.001)
+    assert weights_digest(big) != before
+
+    class Tok:
+        def __init__(self, n, vocab):
+            self.model_max_length, self.vocab = n, vocab
+
+        def get_vocab(self):
+            return self.vocab
+
+    assert tokenizer_digest(Tok(77, {"a": 0})) != tokenizer_digest(Tok(256, {"a": 0}))
+    assert tokenizer_digest(Tok(77, {"a": 0})) != tokenizer_digest(Tok(77, {"b": 0}))
+    assert text_identity("f", [a], [Tok(77, {})]) != text_identity("f", [a], [Tok(78, {})])

@@ -106,6 +106,62 @@ def test_truncated_png_names_file(tmp_path):
         load_image(str(path))
 
 
+@pytest.mark.parametrize("ext,fmt,keep", [(".jpg", "JPEG", 0.5), (".webp", "WEBP", 0.5), (".gif", "GIF", 0.3),
+                                          (".bmp", "BMP", 0.5), (".png", "PNG", 0.9)])
+def test_truncated_files_of_every_format_are_user_errors_with_the_path(tmp_path, ext, fmt, keep):
+    """Whatever a decoder raises on a cut file (OSError, EOFError, ValueError, ...) reaches the user as one
+    ImageLoadError naming the path, from the decode path itself (not only from a header check)."""
+    path = tmp_path / f"cut{ext}"
+    arr = np.random.default_rng(1).integers(0, 255, (96, 96, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path, fmt)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(ImageLoadError, match=f"cut{ext}.*(truncated|damaged)"):
+        load_image(str(path))
+
+
+def test_decompression_bomb_is_a_user_error_naming_the_file(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "bomb.png"
+    Image.new("RGB", (100, 100)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # 10000 pixels > 2x the limit: Pillow's error
+    with pytest.raises(ImageLoadError, match=r"bomb\.png.*decompression bomb.*downscale"):
+        image_size(str(path))
+    with pytest.raises(ImageLoadError, match=r"bomb\.png.*decompression bomb"):
+        load_image(str(path))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 8000)  # between 1x and 2x: Pillow's warning, one line, named
+    with caplog.at_level("WARNING"):
+        assert image_size(str(path)) == (100, 100)
+    assert "bomb.png" in caplog.text and "decompression-bomb" in caplog.text
+    assert load_image(str(path)).rgb.shape == (100, 100, 3)
+
+
+def test_extreme_aspect_image_refused_before_any_allocation(tmp_path, monkeypatch):
+    """40000x1 would be resized to 10240000x256 (7.9 GB) to cover a 1024x256 bucket: refused while the dataset is
+    built, with the path, before any pixel is decoded."""
+    import library.data.dataset as dataset_module
+    from library.data.buckets import BucketError
+    from library.data.dataset import TrainDataset
+    from library.data.types import DatasetConfig, ImageRecord, SubsetConfig
+
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (40000, 1), (9, 9, 9)).save(strip)
+    ok = tmp_path / "ok.png"
+    Image.new("RGB", (1200, 300)).save(ok)
+
+    def no_decode(*a, **k):
+        raise AssertionError("pixels decoded")
+
+    monkeypatch.setattr(dataset_module, "load_image", no_decode)
+    sub = SubsetConfig(table="datasets[0].subsets[0]", image_dir=str(tmp_path))
+    for bucketing in (True, False):
+        cfg = DatasetConfig(table="datasets[0]", kind="dreambooth", resolution=(1024, 1024), enable_bucket=bucketing,
+                            subsets=[sub])
+        with pytest.raises(BucketError, match=r"strip\.png.*40000x1.*too elongated"):
+            TrainDataset(cfg, [[ImageRecord(str(ok), "", 0), ImageRecord(str(strip), "", 0)]], seed=0)
+        ds = TrainDataset(cfg, [[ImageRecord(str(ok), "", 0)]], seed=0)  # a 4:1 image is fine either way
+        assert ds.items[0].resized_size[0] * ds.items[0].resized_size[1] <= 16 * 1024 * 1024
+
+
 def test_missing_file_is_user_error(tmp_path):
     with pytest.raises(ImageLoadError, match="nope.png"):
         load_image(str(tmp_path / "nope.png"))

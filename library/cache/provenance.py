@@ -14,9 +14,9 @@ from typing import Any, Iterable
 
 import torch
 
-# (path, size, mtime_ns, inode) -> digest: a file is hashed once per run unless it changes on disk. Memory only, so
-# a later run never trusts a stale entry.
-_SOURCE_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+# (path, size, mtime_ns, ctime_ns, inode) -> digest: a file is hashed once per run unless it changes on disk (ctime
+# moves on every write and cannot be set back, unlike mtime). Memory only, so a later run never trusts a stale entry.
+_SOURCE_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
 _LOCK = threading.Lock()
 _CHUNK = 1 << 20
 # Tensors up to this many elements are hashed whole; larger ones through an evenly strided sample of about this
@@ -27,9 +27,9 @@ _FULL_HASH_ELEMENTS = 1 << 20
 
 def source_digest(path: str) -> str:
     """blake2b of the file's bytes (hex, 32 chars). Reading an image is cheap next to encoding it; the result is
-    kept in memory for as long as the file's size, mtime and inode stay the same."""
+    kept in memory for as long as the file's size, times and inode stay the same."""
     st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     with _LOCK:
         found = _SOURCE_DIGESTS.get(key)
     if found is not None:

@@ -1,4 +1,8 @@
-"""From the run config to datasets and caches: config -> records -> datasets -> caches, one way."""
+"""From the run config to datasets and caches: config -> records -> datasets -> caches, one way.
+
+Both steps also clear the temp files a killed earlier run left in the folders this run writes to (the output
+folder, the image folders that hold latent caches, the text-encoder cache folder): see
+library.fileio.remove_stale_temp_files."""
 from __future__ import annotations
 
 import os
@@ -8,6 +12,16 @@ import torch
 
 from library.config.train_config import RunConfig
 from library.families.interface import ModelFamily
+from library.fileio import remove_stale_temp_files
+
+
+def _clean_temp_files(folders: list[str | None]) -> None:
+    """Remove stale atomic-write temp files (older than an hour, our own name pattern only) from `folders`."""
+    removed = []
+    for folder in dict.fromkeys(f for f in folders if f):
+        removed += remove_stale_temp_files(folder)
+    if removed:
+        print(f"removed {len(removed)} temp file(s) left by an interrupted earlier run, e.g. {removed[0]}")
 
 
 def build_datasets(cfg: RunConfig, num_processes: int = 1, verbose: bool = True) -> list[Any]:
@@ -15,11 +29,15 @@ def build_datasets(cfg: RunConfig, num_processes: int = 1, verbose: bool = True)
     trains on its slice (see `local_slice`), so N processes x b train like 1 process x N*b."""
     from dataclasses import replace
 
+    from library.cache.latents import EXTERNAL_CACHE_DIR
     from library.config.dataset_schema import load_dataset_config
     from library.data.dataset import TrainDataset
     from library.data.sources import collect_records
 
     group = load_dataset_config(cfg.training.dataset_config)
+    roots = [s.image_dir or (os.path.dirname(s.metadata_file) if s.metadata_file else None)
+             for d in group.datasets for s in d.subsets]
+    _clean_temp_files([cfg.save.output_dir] + roots + [os.path.join(r, EXTERNAL_CACHE_DIR) for r in roots if r])
     datasets = []
     for d in group.datasets:
         records = collect_records(d, group.source)
@@ -41,17 +59,21 @@ def setup_caches(cfg: RunConfig, family: ModelFamily, models: dict[str, Any], da
                  trains_text_encoder: bool) -> Any:
     """Fill the latent and text-encoder caches the flags ask for; return the text cache (or None)."""
     from library.cache.latents import LatentCache
+    from library.cache.provenance import text_identity, vae_identity
     from library.cache.text_outputs import TextOutputCache, check_compatible
 
     c = cfg.cache
     if c.cache_latents or c.cache_latents_to_disk:
-        vae_id = family.model_identity(models, "vae")
+        # every weight counts: two VAEs that a few sampled tensors cannot tell apart must not share latents
+        vae_id = vae_identity(family.model_identity(models, "vae"), models["vae"])
         for ds in datasets:
             cache = LatentCache(vae_id, "disk" if c.cache_latents_to_disk else "memory")
 
             @torch.no_grad()
             def encode(images: torch.Tensor) -> torch.Tensor:
-                return family.encode_images(models, images.to(accelerator.device)).float().cpu()
+                # the family moves the pixels to wherever the VAE is: the device while caching, the CPU when a
+                # file found stale during training is re-encoded (possibly in a DataLoader worker)
+                return family.encode_images(models, images).float().cpu()
 
             if c.cache_latents_to_disk and accelerator.num_processes > 1:
                 # each process writes a disjoint share of the files; then all read every file
@@ -66,8 +88,11 @@ def setup_caches(cfg: RunConfig, family: ModelFamily, models: dict[str, Any], da
     for ds in datasets:
         check_compatible(s for s in ds.config.subsets)
     text_dir = c.text_encoder_cache_dir or os.path.join(cfg.save.output_dir, "te_cache")
-    cache = TextOutputCache(family.model_identity(models, "text"),
-                            "disk" if c.cache_text_encoder_outputs_to_disk else "memory", cache_dir=text_dir)
+    if c.cache_text_encoder_outputs_to_disk:
+        _clean_temp_files([text_dir])
+    text_id = text_identity(family.model_identity(models, "text"), models.get("text_encoders") or [],
+                            models.get("tokenizers") or [])
+    cache = TextOutputCache(text_id, "disk" if c.cache_text_encoder_outputs_to_disk else "memory", cache_dir=text_dir)
     captions = list(dict.fromkeys(cap for ds in datasets for cap in ds.fixed_captions()))
 
     @torch.no_grad()
