@@ -9,7 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from tools.canny import RANDOM_THRESHOLD1, RANDOM_THRESHOLD2, canny_image, main, random_thresholds
+from library.data.control_maps import RANDOM_THRESHOLD1, RANDOM_THRESHOLD2, canny_image, random_thresholds
+from tools.canny import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

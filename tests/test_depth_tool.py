@@ -5,7 +5,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from conftest import run_script
-from library.synth.conditioning import DepthEstimator
+from library.data.control_maps import DepthEstimator
 from test_synthesize import tiny_depth_model
 
 

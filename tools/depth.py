@@ -2,7 +2,7 @@
 Anything, GLPN, ...: anything `AutoModelForDepthEstimation` loads, with its image processor saved beside it).
 
 Maps are grayscale as RGB, at the input's size, normalised per image, near is bright (as ControlNet depth models
-were trained). The model is the one `tools/synthesize.py --depth_model` uses (library.synth.conditioning's
+were trained). The model is the one `tools/synthesize.py --depth_model` uses (library.data.control_maps'
 DepthEstimator), so maps made here and there agree.
 
     python tools/depth.py --input_dir imgs --output_dir depth --model models/dpt-hybrid [--overwrite] [--device cuda]
@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make `library` importable from
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from library.cli import run_main  # noqa: E402
-from tools.canny import FolderReport, convert_folder  # noqa: E402
+from library.data.control_maps import FolderReport, convert_folder  # noqa: E402
 
 
 def process_folder(input_dir: str, output_dir: str, estimate: Callable, overwrite: bool = False,
@@ -30,7 +30,7 @@ def process_folder(input_dir: str, output_dir: str, estimate: Callable, overwrit
     import cv2
     from PIL import Image
 
-    from library.synth.conditioning import save_png_atomic
+    from library.data.control_maps import save_png_atomic
 
     def convert(name: str, bgr):
         return estimate(Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
@@ -52,7 +52,7 @@ def setup_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from library.errors import UserError
-    from library.synth.conditioning import DepthEstimator
+    from library.data.control_maps import DepthEstimator
 
     args = setup_parser().parse_args(argv)
     if not os.path.isdir(args.input_dir):

@@ -1,21 +1,18 @@
 """Conditioning images made from each source image, at the generation size.
 
-Canny uses `tools/canny.canny_image` (grayscale then cv2.Canny, as the published canny LLLite models expect).
-Depth uses a local transformers depth-estimation folder (DPT, Depth Anything, GLPN, ...: anything that
-`AutoModelForDepthEstimation` loads, with its image processor saved next to it); near is bright, as in the
-depth maps ControlNet models were trained on.
+The maps themselves (Canny: grayscale then cv2.Canny, as the published canny LLLite models expect; depth: a local
+transformers depth model, near is bright) are library.data.control_maps', which tools/canny.py and tools/depth.py
+use too; this module picks the makers for --controlnet_types and sizes the synthesis images.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Protocol
 
 import numpy as np
 from PIL import Image
 
-from library.errors import ModelLoadError, UserError
-from library.fileio import atomic_path
-from tools.canny import canny_image
+from library.data.control_maps import DepthEstimator, canny_image
+from library.errors import UserError
 
 CONTROL_TYPES = ("canny", "depth")
 DEFAULT_CANNY_THRESHOLDS = (100, 200)
@@ -61,37 +58,6 @@ def make_canny(thresholds: tuple[int, int] = DEFAULT_CANNY_THRESHOLDS) -> Condit
     return canny
 
 
-class DepthEstimator:
-    """A transformers depth model from a local folder; loaded once, used for every source image."""
-
-    def __init__(self, folder: str, device: str = "cpu", flag: str = "--depth_model"):
-        if not os.path.isdir(folder):
-            raise ModelLoadError(f"{flag} '{folder}': no such folder (a transformers depth model folder)")
-        import torch
-        from transformers import AutoImageProcessor, AutoModelForDepthEstimation
-
-        try:
-            self.processor = AutoImageProcessor.from_pretrained(folder)
-            self.model = AutoModelForDepthEstimation.from_pretrained(folder).to(device).eval()
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelLoadError(f"{flag} '{folder}': cannot load a depth model and its image processor "
-                                 f"({exc})") from None
-        self.device = device
-        self._torch = torch
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        torch = self._torch
-        inputs = self.processor(images=image.convert("RGB"), return_tensors="pt").to(self.device)
-        with torch.no_grad():
-            depth = self.model(**inputs).predicted_depth  # [1, h, w], larger = nearer for relative models
-        depth = torch.nn.functional.interpolate(depth[:, None].float(), size=(image.height, image.width),
-                                                mode="bicubic", align_corners=False)[0, 0]
-        lo, hi = depth.min(), depth.max()
-        norm = (depth - lo) / (hi - lo) if hi > lo else torch.zeros_like(depth)
-        gray = (norm * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
-        return Image.fromarray(np.stack([gray] * 3, axis=-1))
-
-
 def build_makers(types: list[str], depth_model: str | None, canny_thresholds: tuple[int, int],
                  device: str = "cpu") -> dict[str, Callable[[Image.Image], Image.Image]]:
     makers: dict[str, Callable[[Image.Image], Image.Image]] = {}
@@ -105,7 +71,3 @@ def build_makers(types: list[str], depth_model: str | None, canny_thresholds: tu
             makers[t] = DepthEstimator(depth_model, device)
     return makers
 
-
-def save_png_atomic(image: Image.Image, path: str) -> None:
-    with atomic_path(path, suffix=".png") as tmp:
-        image.save(tmp)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from PIL import Image
 
+from library.data.control_maps import save_png_atomic
 from library.errors import UserError
 from library.sample.generation import derive_seed
 from library.synth import backends, conditioning, filtering, prompts, records, training
@@ -261,7 +262,7 @@ def make_conditions(plans: list[SamplePlan], store: OutputStore,
             if key not in cache:
                 source = conditioning.load_source(plan.source.image_path).resize(plan.size, Image.Resampling.LANCZOS)
                 cache[key] = make(source)
-            conditioning.save_png_atomic(cache[key], str(target))
+            save_png_atomic(cache[key], str(target))
     return paths
 
 
