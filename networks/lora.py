@@ -43,6 +43,8 @@ from networks.targets import (
 logger = logging.getLogger(__name__)
 
 NETWORK_MODULE = "networks.lora"
+# We take our diffusers models as they are (names are translated here); see networks/protocol.py.
+NATIVE_MODELS = True
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ from networks.targets import LORA_PREFIX_UNET, TEXT_ENCODER_TARGET_CONTAINERS
 logger = logging.getLogger(__name__)
 
 NETWORK_MODULE = "networks.lora_flux"
+# We take our diffusers models as they are (names are translated here); see networks/protocol.py.
+NATIVE_MODELS = True
 LORA_PREFIX_CLIP = "lora_te1"
 LORA_PREFIX_T5 = "lora_te3"
 T5_TARGET_CONTAINERS: tuple[str, ...] = ("T5Attention", "T5DenseGatedActDense", "T5DenseActDense")

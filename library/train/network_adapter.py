@@ -1,11 +1,11 @@
-"""Trainable networks on the shared loop: kohya-style network modules (LoRA/LoCon) and ControlNet-LLLite.
+"""Trainable networks on the shared loop: kohya-style network modules (ours, LyCORIS, ...) and ControlNet-LLLite.
 
 The loop only sees `TrainNetwork`: its parameter groups, a hook before each forward (LLLite sets the conditioning
-image there), a hook before each sample image, and saving/loading.
+image there, kohya modules get `on_step_start`), hooks at each epoch start and after each optimizer step, a hook
+before each sample image, and saving/loading. Kohya modules are driven through networks/protocol.py only.
 """
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -13,6 +13,7 @@ import torch
 
 from library.config.train_config import RunConfig, parse_key_values
 from library.errors import UserError
+from networks import protocol
 
 
 class TrainNetwork(ABC):
@@ -27,6 +28,13 @@ class TrainNetwork(ABC):
     def before_forward(self, batch: Any) -> None:
         """Called with each batch before the denoiser runs."""
 
+    def on_epoch_start(self) -> None:
+        """Called at the start of every epoch (the first included)."""
+
+    def after_optimizer_step(self, device: torch.device) -> dict[str, float] | None:
+        """Called after each optimizer step; may return values to log."""
+        return None
+
     def before_sample(self, request: Any) -> None:
         """Called before each sample image is generated."""
 
@@ -35,14 +43,15 @@ class TrainNetwork(ABC):
 
 
 class KohyaNetwork(TrainNetwork):
-    """Any module with sd-scripts' network interface (`create_network`, `apply_to`, `prepare_optimizer_params`)."""
+    """Any module with sd-scripts' network interface (networks/protocol.py), called as sd-scripts' train_network.py
+    calls it: the required members always, the optional ones (`on_step_start`, `apply_max_norm_regularization`,
+    `prepare_network`) only when the network has them. Modules other than ours see the models as sd-scripts shows
+    them (networks/model_views.py)."""
 
     def __init__(self, models: dict[str, Any], cfg: RunConfig, denoiser_key: str):
         ncfg = cfg.network
-        try:
-            mod = importlib.import_module(ncfg.network_module)
-        except ImportError as e:
-            raise UserError(f"--network_module {ncfg.network_module}: cannot import it ({e})") from None
+        self.module_name = ncfg.network_module
+        mod = protocol.import_network_module(ncfg.network_module)
         kwargs = parse_key_values(ncfg.network_args, "--network_args")
         if ncfg.network_dim is None and not ncfg.network_weights:
             raise UserError("--network_dim is required (the LoRA rank), e.g. --network_dim 16")
@@ -52,22 +61,55 @@ class KohyaNetwork(TrainNetwork):
         if cfg.cache.cache_text_encoder_outputs and self.trains_text_encoder:
             raise UserError("--cache_text_encoder_outputs needs --network_train_unet_only: "
                             "cached outputs cannot train a text-encoder LoRA")
-        dim = ncfg.network_dim
-        if dim is None:  # continuing from weights without a dim: take it from the file
-            _, sd = mod.create_network_from_weights(1.0, ncfg.network_weights, models.get("vae"), text_encoders,
-                                                    models[denoiser_key], for_inference=False, **kwargs)
-            dim = next(int(v.shape[0]) for k, v in sd.items() if k.endswith("lora_down.weight"))
-        self.module = mod.create_network(1.0, dim, ncfg.network_alpha, models.get("vae"), text_encoders,
-                                         models[denoiser_key], neuron_dropout=ncfg.network_dropout, **kwargs)
-        self.module.apply_to(text_encoders, models[denoiser_key], self.trains_text_encoder, self.train_unet)
+        self._text_encoders, self._denoiser = protocol.models_for(mod, text_encoders, models[denoiser_key])
+        self._scale_weight_norms = getattr(ncfg, "scale_weight_norms", None)
+        vae = models.get("vae")
+        if ncfg.network_dim is None:
+            # sd-scripts' --dim_from_weights: the module shapes the network after the file (ranks, alphas, modules)
+            self.module, _ = mod.create_network_from_weights(1.0, ncfg.network_weights, vae, self._text_encoders,
+                                                             self._denoiser, **kwargs)
+        else:
+            kwargs.setdefault("dropout", ncfg.network_dropout)  # sd-scripts passes it so for LyCORIS
+            self.module = mod.create_network(1.0, ncfg.network_dim, ncfg.network_alpha, vae, self._text_encoders,
+                                             self._denoiser, neuron_dropout=ncfg.network_dropout, **kwargs)
+        if self.module is None:
+            raise UserError(f"--network_module {ncfg.network_module}: create_network returned no network")
+        protocol.check_network(self.module, ncfg.network_module)
+        prepare = protocol.optional(self.module, "prepare_network")
+        if prepare is not None:
+            prepare(cfg)
+        if self._scale_weight_norms and protocol.optional(self.module, "apply_max_norm_regularization") is None:
+            print(f"--scale_weight_norms: {ncfg.network_module} does not support it; ignored")
+            self._scale_weight_norms = None
+        self.module.apply_to(self._text_encoders, self._denoiser, self.trains_text_encoder, self.train_unet)
         if ncfg.network_weights:
             info = self.module.load_weights(ncfg.network_weights)
             print(f"loaded network weights from {ncfg.network_weights}: {info}")
+        if cfg.training.gradient_checkpointing:
+            self.module.enable_gradient_checkpointing()
+        self.module.prepare_grad_etc(self._text_encoders, self._denoiser)
+        self._on_step_start = protocol.optional(self.module, "on_step_start")
 
     def param_groups(self, cfg: RunConfig) -> list[dict[str, Any]]:
         n = cfg.network
         groups = self.module.prepare_optimizer_params(n.text_encoder_lr, n.unet_lr, cfg.optimizer.learning_rate)
-        return groups[0] if isinstance(groups, tuple) else groups
+        groups = groups[0] if isinstance(groups, tuple) else groups
+        # a module may hand out dict views or generators (LyCORIS does): the optimizer and checkpoints need lists
+        return [dict(g, params=list(g["params"])) for g in groups]
+
+    def before_forward(self, batch: Any) -> None:
+        if self._on_step_start is not None:
+            self._on_step_start(self._text_encoders, self._denoiser)
+
+    def on_epoch_start(self) -> None:
+        self.module.on_epoch_start(self._text_encoders, self._denoiser)
+
+    def after_optimizer_step(self, device: torch.device) -> dict[str, float] | None:
+        if not self._scale_weight_norms:
+            return None
+        scaled, mean_norm, max_norm = self.module.apply_max_norm_regularization(self._scale_weight_norms, device)
+        return {"max_norm/keys_scaled": float(scaled), "max_norm/average_key_norm": float(mean_norm),
+                "max_norm/max_key_norm": float(max_norm)}
 
 
 class LLLiteNetwork(TrainNetwork):
