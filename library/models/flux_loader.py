@@ -23,9 +23,9 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
 from library.errors import ModelLoadError
-from library.models.file_metadata import json_config_from_metadata
+from library.models.single_file import json_config_from_metadata, read_single_file
 from library.models import flux_keys, sdxl_keys
-from library.models.sdxl_loader import _read_single_file, infer_text_config
+from library.models.sdxl_loader import infer_text_config
 from library.models.tokenizers import find_tokenizer_folder, shipped_clip_tokenizer
 from library.models.vae_config import count_indices, infer_autoencoder_kl_config
 
@@ -62,7 +62,7 @@ def _read(path: str | None, what: str, flag: str) -> tuple[dict[str, torch.Tenso
         raise ModelLoadError(f"{flag} is required with a single-file FLUX checkpoint (the {what} file)")
     if not os.path.isfile(path):
         raise ModelLoadError(f"{path}: no such file ({flag}, the {what})")
-    tensors, metadata = _read_single_file(path, allow_pickle=False)
+    tensors, metadata = read_single_file(path, allow_pickle=False)
     return tensors, json_config_from_metadata(path, metadata, CONFIG_METADATA_KEY)
 
 

@@ -15,18 +15,16 @@ from typing import Any, Mapping
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from library.errors import ModelLoadError
-from library.models.file_metadata import json_config_from_metadata
+from library.models.single_file import json_config_from_metadata, read_single_file
 from library.fileio import save_safetensors_atomic
 from library.models import sdxl_keys
 from library.models.tokenizers import load_sdxl_tokenizers
 from library.models.vae_config import count_indices, groups_dividing, infer_autoencoder_kl_config
 
 CONFIG_METADATA_KEY = "sdxl_config"
-PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
 SDXL_HEAD_DIM = 64
 # What tensor shapes cannot tell, as in the published SDXL base model.
 SDXL_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -60,31 +58,6 @@ class SDXLModels:
 
 # ----------------------------------------------------------------------------------------------------------------
 # reading files
-def _read_single_file(path: str, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and string metadata of a .safetensors file (or of a pickle checkpoint when allowed)."""
-    lower = path.lower()
-    if lower.endswith(PICKLE_EXTENSIONS):
-        if not allow_pickle:
-            raise ModelLoadError(
-                f"{path}: pickle checkpoints (.ckpt/.pt/.bin) can run arbitrary code when loaded; convert the file "
-                "to .safetensors or pass --allow_pickle if you trust it"
-            )
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-            raise ModelLoadError(f"{path}: cannot read the checkpoint: {exc}") from exc
-        sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-        if not isinstance(sd, dict):
-            raise ModelLoadError(f"{path}: the checkpoint holds no state dict")
-        return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, {}
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, metadata
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for corrupt files
-        raise ModelLoadError(f"{path}: cannot read the safetensors file: {exc}") from exc
-
-
 def _check_family(path: str, keys: set[str]) -> None:
     """Reject checkpoints of other model families with a message that says which family they look like."""
     if any(k.startswith(("double_blocks.", "single_blocks.", "model.diffusion_model.double_blocks.")) for k in keys):
@@ -218,7 +191,7 @@ def load_sdxl_single_file(
     path: str, dtype: torch.dtype = torch.float32, tokenizer_cache_dir: str | None = None, allow_pickle: bool = False
 ) -> SDXLModels:
     """Load an SGM-layout single-file SDXL checkpoint."""
-    tensors, metadata = _read_single_file(path, allow_pickle)
+    tensors, metadata = read_single_file(path, allow_pickle)
     file_keys = set(tensors)
     _check_family(path, file_keys)
     unknown: list[str] = []
@@ -319,7 +292,7 @@ def load_sdxl_vae(path: str, dtype: torch.dtype = torch.float32, allow_pickle: b
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ModelLoadError(f"--vae {path}: a folder must be a diffusers AutoencoderKL folder (config.json missing)")
         return AutoencoderKL.from_pretrained(path, torch_dtype=dtype)
-    tensors, _ = _read_single_file(path, allow_pickle)
+    tensors, _ = read_single_file(path, allow_pickle)
     tensors = {k[len(sdxl_keys.VAE_PREFIX):] if k.startswith(sdxl_keys.VAE_PREFIX) else k: v for k, v in tensors.items()}
     if "encoder.conv_in.weight" not in tensors:
         raise ModelLoadError(f"--vae {path}: not a VAE file (no encoder.conv_in.weight among {len(tensors)} keys)")

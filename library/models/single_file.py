@@ -1,10 +1,41 @@
-"""Model configs we store as JSON in a safetensors header (values tensor shapes cannot give, e.g. head counts)."""
+"""Reading one checkpoint file (every family's loader starts here): its tensors and string metadata, and the model
+configs we store as JSON in a safetensors header (values tensor shapes cannot give, e.g. head counts)."""
 from __future__ import annotations
 
 import json
 from typing import Any, Mapping
 
+import torch
+from safetensors import safe_open
+
 from library.errors import ModelLoadError
+
+PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def read_single_file(path: str, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and string metadata of a .safetensors file (or of a pickle checkpoint when allowed)."""
+    lower = path.lower()
+    if lower.endswith(PICKLE_EXTENSIONS):
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"{path}: pickle checkpoints (.ckpt/.pt/.bin) can run arbitrary code when loaded; convert the file "
+                "to .safetensors or pass --allow_pickle if you trust it"
+            )
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+            raise ModelLoadError(f"{path}: cannot read the checkpoint: {exc}") from exc
+        sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+        if not isinstance(sd, dict):
+            raise ModelLoadError(f"{path}: the checkpoint holds no state dict")
+        return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, {}
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for corrupt files
+        raise ModelLoadError(f"{path}: cannot read the safetensors file: {exc}") from exc
 
 
 def json_config_from_metadata(path: str, metadata: Mapping[str, str] | None, key: str) -> dict[str, Any]:
