@@ -189,14 +189,16 @@ class FluxFamily(ModelFamily):
         return None
 
     # --- sampling -----------------------------------------------------------------------------------------------
-    def build_pipeline(self, models: dict[str, Any], kontext: bool = False):
+    def build_pipeline(self, models: dict[str, Any], sampler: str | None = None, edit: bool = False) -> Any:
+        """FLUX samples with its flow-matching Euler sampler only (`sampler` is not used); `edit` gives the Kontext
+        pipeline."""
         from diffusers import FluxKontextPipeline, FluxPipeline
 
         from library.models.tiny_flux import flux_scheduler
 
         clip, t5 = models["text_encoders"]
         tok_clip, tok_t5 = models["tokenizers"]
-        cls = FluxKontextPipeline if kontext else FluxPipeline
+        cls = FluxKontextPipeline if edit else FluxPipeline
         pipe = cls(scheduler=flux_scheduler(), vae=models["vae"], text_encoder=clip, tokenizer=tok_clip,
                    text_encoder_2=t5, tokenizer_2=tok_t5, transformer=models["transformer"])
         pipe.set_progress_bar_config(disable=True)
@@ -217,7 +219,7 @@ class FluxFamily(ModelFamily):
                 before_generate(req)
             control = (req.extras or {}).get("control_image")
             kontext = bool(control)
-            pipe = pipes.get(kontext) or pipes.setdefault(kontext, self.build_pipeline(models, kontext))
+            pipe = pipes.get(kontext) or pipes.setdefault(kontext, self.build_pipeline(models, edit=kontext))
             gen = torch.Generator(device="cpu").manual_seed(req.seed)
             kwargs = dict(prompt=req.prompt, width=req.width, height=req.height, num_inference_steps=req.steps,
                           guidance_scale=req.scale, generator=gen, max_sequence_length=max_len)

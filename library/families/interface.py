@@ -1,8 +1,11 @@
-"""The per-family interface of the one training loop, and the registry families are found in.
+"""The interface of a model family: what the one training loop and the generation scripts ask of SDXL, FLUX, ...
 
-A family supplies seven hooks: load models, encode text, encode images, draw noise and timesteps, predict, the loss
-target (and weights), and sample images. Everything else (data, caches, networks, optimisation, saving, resume,
-logging) is the loop's and is shared by SDXL LoRA, ControlNet-LLLite and FLUX.
+Required hooks: `load_models`, `model_identity` (cache provenance), `encode_text`, `encode_images`,
+`noise_and_timesteps`, `predict`, `loss_target`, `build_pipeline` (the diffusers pipeline generation runs) and
+`sample_images` (sampling during training). Optional hooks with neutral defaults: `loss_weights`,
+`modules_kept_off_device`, `sharding_units`, `after_base_models_prepared`. Everything else (data, caches, networks,
+optimisation, saving, resume, logging) is the loop's and is shared by every family; families are found by name in
+library/families/registry.py.
 """
 from __future__ import annotations
 
@@ -76,6 +79,13 @@ class ModelFamily(ABC):
     def after_base_models_prepared(self, models: dict[str, Any], cfg: Any, device: torch.device) -> None:
         """Called once the frozen base models have their device and weight dtype, before any network is attached:
         the place for storage tricks that a later `.to(dtype)` would undo (fp8 weights, block swapping)."""
+
+    @abstractmethod
+    def build_pipeline(self, models: dict[str, Any], sampler: str | None = None, edit: bool = False) -> Any:
+        """The diffusers pipeline that generates with `models`, built quiet (no progress bar: sampling in training
+        runs between steps; the generation scripts turn the bar on). `sampler` is an sd-scripts sampler name
+        (library/prompts/samplers.py; a family with one sampler ignores it). `edit=True` asks for the pipeline
+        that edits a given image (FLUX Kontext); a family without one raises UserError."""
 
     @abstractmethod
     def sample_images(self, models: dict[str, Any], prompts: list[Any], sampler: str,

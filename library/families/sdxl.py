@@ -5,11 +5,13 @@ from typing import Any, Callable
 
 import torch
 
+from library.errors import UserError
 from library.families import noise as noise_lib
 from library.families.interface import ModelFamily, NoisyInput, SampleRequest, module_fingerprint
 from library.families.registry import register_family
 
 SDXL_VAE_SCALE = 0.13025
+DEFAULT_SAMPLER = "ddim"  # sd-scripts' default for generation and for sampling in training
 
 
 @register_family("sdxl")
@@ -92,15 +94,18 @@ class SDXLFamily(ModelFamily):
         return None
 
     # --- sampling -----------------------------------------------------------------------------------------------
-    def build_pipeline(self, models: dict[str, Any], sampler: str):
+    def build_pipeline(self, models: dict[str, Any], sampler: str | None = None, edit: bool = False) -> Any:
         from diffusers import StableDiffusionXLPipeline
+
+        if edit:
+            raise UserError("SDXL has no image-editing pipeline (FLUX.1 Kontext has); use --image_path for img2img")
 
         from library.prompts.samplers import make_scheduler
 
         te1, te2 = models["text_encoders"]
         tok1, tok2 = models["tokenizers"]
         pipe = StableDiffusionXLPipeline(vae=models["vae"], text_encoder=te1, text_encoder_2=te2, tokenizer=tok1,
-                                         tokenizer_2=tok2, unet=models["unet"], scheduler=make_scheduler(sampler))
+                                         tokenizer_2=tok2, unet=models["unet"], scheduler=make_scheduler(sampler or DEFAULT_SAMPLER))
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

@@ -245,7 +245,7 @@ class FluxGenerator:
 
     def pipe(self, kontext: bool) -> Any:
         if kontext not in self.pipes:
-            self.pipes[kontext] = self.family.build_pipeline(self.family_models, kontext)
+            self.pipes[kontext] = self.family.build_pipeline(self.family_models, edit=kontext)
         return self.pipes[kontext]
 
     @torch.no_grad()
