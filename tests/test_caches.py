@@ -482,3 +482,54 @@ def test_identities_see_every_weight_and_the_tokenizer():
     assert tokenizer_digest(Tok(77, {"a": 0})) != tokenizer_digest(Tok(256, {"a": 0}))
     assert tokenizer_digest(Tok(77, {"a": 0})) != tokenizer_digest(Tok(77, {"b": 0}))
     assert text_identity("f", [a], [Tok(77, {})]) != text_identity("f", [a], [Tok(78, {})])
+
+
+# ---- through the training script --------------------------------------------------------------------------------
+
+def test_shared_latent_cache_with_another_vae_has_no_cross_talk(tmp_path, tiny_sdxl_file):
+    """Two sdxl_train_network.py runs share one --cache_latents_to_disk folder with different VAEs; the second
+    run's losses equal a run with a fresh cache. The second VAE differs from the model's only inside the encoder, in
+    a tensor that a fingerprint of a few tensors does not look at: only a hash over all weights tells them apart.
+    The runs also clear stale temp files of a killed earlier run, and only those."""
+    import json
+    import time
+
+    from conftest import build_shapes_dataset, run_script
+    from library.families.interface import module_fingerprint
+    from library.models.tiny import build_tiny_sdxl
+
+    base_vae = build_tiny_sdxl(seed=0).vae
+    other_vae = build_tiny_sdxl(seed=0).vae
+    with torch.no_grad():
+        other_vae.encoder.down_blocks[1].resnets[0].conv1.weight.mul_(-1.0)
+    assert module_fingerprint(other_vae) == module_fingerprint(base_vae)  # the premise: a sampled hash is blind
+    other_vae.save_pretrained(tmp_path / "vae2")
+    shared = build_shapes_dataset(tmp_path / "shared")
+    fresh = build_shapes_dataset(tmp_path / "fresh")
+
+    old = time.time() - 7200
+    stale = [os.path.join(shared["image_dir"], ".0.png.tmp-99-abcdefgh.safetensors"),
+             str(tmp_path / "a" / ".l.safetensors.tmp-99-abcdefgh.safetensors")]
+    live = os.path.join(shared["image_dir"], ".1.png.tmp-98-abcdefgh.safetensors")
+    for path in stale + [live]:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(b"half")
+        if path != live:
+            os.utime(path, (old, old))
+
+    def train(name: str, ds: dict, vae: str | None = None) -> list[float]:
+        args = ["--pretrained_model_name_or_path", tiny_sdxl_file, "--dataset_config", ds["config"],
+                "--output_dir", str(tmp_path / name), "--output_name", "l", "--network_module", "networks.lora",
+                "--network_dim", "4", "--max_train_steps", "4", "--seed", "1", "--cache_latents_to_disk",
+                "--network_train_unet_only", "--loss_log_file", str(tmp_path / f"{name}.jsonl")]
+        r = run_script("sdxl_train_network.py", *args, *(["--vae", vae] if vae else []))
+        assert r.returncode == 0, r.stderr[-3000:]
+        return [json.loads(line)["loss"] for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+
+    first = train("a", shared)
+    assert not any(os.path.exists(p) for p in stale) and os.path.exists(live)
+    second = train("b", shared, str(tmp_path / "vae2"))
+    reference = train("c", fresh, str(tmp_path / "vae2"))
+    assert second == pytest.approx(reference, rel=1e-6, abs=1e-8)
+    assert second != pytest.approx(first, rel=1e-4)

@@ -72,7 +72,7 @@ def setup_caches(cfg: RunConfig, family: ModelFamily, models: dict[str, Any], da
             @torch.no_grad()
             def encode(images: torch.Tensor) -> torch.Tensor:
                 # the family moves the pixels to wherever the VAE is: the device while caching, the CPU when a
-                # file found stale during training is re-encoded (possibly in a DataLoader worker)
+                # file found stale during training is re-encoded (the VAE is back on the CPU by then)
                 return family.encode_images(models, images).float().cpu()
 
             if c.cache_latents_to_disk and accelerator.num_processes > 1:
