@@ -25,6 +25,7 @@ from library.errors import ConfigError, ModelLoadError
 from library.fileio import atomic_path, save_safetensors_atomic
 from library.models.sdxl_unet_names import diffusers_to_sgm
 from networks import kohya_names as kn
+from networks.kinds import NetworkKind, get_network_kind
 from networks.kohya_metadata import (  # re-exported: callers import these from networks.lora
     SDXL_BASE_MODEL_VERSION,  # noqa: F401
     build_ss_metadata,
@@ -32,8 +33,8 @@ from networks.kohya_metadata import (  # re-exported: callers import these from 
     precalculate_safetensors_hashes,
     ss_metadata_for_save,
 )
+from networks.lora_modules import LoRAModule  # re-exported: the layer module of the "lora" kind
 from networks.targets import (
-    KEY_DOWN,
     LORA_PREFIX_UNET,
     TEXT_ENCODER_TARGET_CONTAINERS,
     UNET_CONV_CONTAINERS,
@@ -45,141 +46,6 @@ logger = logging.getLogger(__name__)
 NETWORK_MODULE = "networks.lora"
 # We take our diffusers models as they are (names are translated here); see networks/protocol.py.
 NATIVE_MODELS = True
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# One wrapped layer
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class LoRAModule(nn.Module):
-    """A low-rank update added to one Linear or Conv2d: `org(x) + up(down(x)) * multiplier * alpha / dim`.
-
-    `up` starts at zero so an untrained module changes nothing; `down` gets kaiming-uniform init (as sd-scripts), so
-    gradients reach `up` from the first step. For convs, `down` copies the layer's kernel, stride and padding and `up`
-    is 1x1 (LoCon), which is what the published conv LoRA files contain.
-    """
-
-    def __init__(
-        self,
-        lora_name: str,
-        org_module: nn.Module,
-        multiplier: float = 1.0,
-        lora_dim: int = 4,
-        alpha: float | None = 1.0,
-        dropout: float | None = None,
-        rank_dropout: float | None = None,
-        module_dropout: float | None = None,
-    ):
-        super().__init__()
-        self.lora_name = lora_name
-        self.lora_dim = int(lora_dim)
-        if isinstance(org_module, nn.Conv2d) and org_module.groups != 1:
-            raise TypeError(f"{lora_name}: grouped convolutions are not supported")
-        if isinstance(org_module, nn.Conv2d):
-            self.lora_down = nn.Conv2d(org_module.in_channels, self.lora_dim, org_module.kernel_size,
-                                       org_module.stride, org_module.padding, dilation=org_module.dilation,
-                                       bias=False)
-            self.lora_up = nn.Conv2d(self.lora_dim, org_module.out_channels, (1, 1), (1, 1), bias=False)
-        elif isinstance(org_module, nn.Linear):
-            self.lora_down = nn.Linear(org_module.in_features, self.lora_dim, bias=False)
-            self.lora_up = nn.Linear(self.lora_dim, org_module.out_features, bias=False)
-        else:
-            raise TypeError(f"{lora_name}: LoRA wraps Linear or Conv2d, got {type(org_module).__name__}")
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
-
-        alpha = float(self.lora_dim if alpha is None or alpha == 0 else alpha)
-        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
-        self.scale = alpha / self.lora_dim
-        # The loaded alpha decides the scale: keep the cached float in step with the buffer.
-        self.register_load_state_dict_post_hook(lambda module, _incompatible: module.refresh_scale())
-
-        self.multiplier = float(multiplier)
-        self.dropout = dropout
-        self.rank_dropout = rank_dropout
-        self.module_dropout = module_dropout
-        # A plain tuple so the wrapped layer is not registered as a child (its weights stay out of our state dict).
-        self._org = (org_module,)
-        self._org_forward = None
-        self._had_instance_forward = False
-
-    @property
-    def org_module(self) -> nn.Module:
-        return self._org[0]
-
-    @property
-    def is_applied(self) -> bool:
-        return self._org_forward is not None
-
-    def refresh_scale(self) -> None:
-        self.scale = float(self.alpha.item()) / self.lora_dim
-
-    def apply_to(self) -> None:
-        """Route the wrapped layer's calls through this module."""
-        if self.is_applied:
-            return
-        org = self.org_module
-        self._had_instance_forward = "forward" in org.__dict__
-        self._org_forward = org.forward
-        org.forward = self.forward
-
-    def restore(self) -> None:
-        """Give the wrapped layer its own forward back."""
-        if not self.is_applied:
-            return
-        org = self.org_module
-        if self._had_instance_forward:
-            org.forward = self._org_forward
-        else:
-            del org.forward
-        self._org_forward = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._org_forward is None:
-            raise RuntimeError(f"{self.lora_name}: call apply_to() before using the module")
-        org_out = self._org_forward(x)
-        if self.module_dropout and self.training and torch.rand(1).item() < self.module_dropout:
-            return org_out
-        # under autocast the matmul runs in the autocast dtype anyway: casting x to the (fp32) LoRA dtype first would
-        # only add a full copy of every wrapped layer's input
-        lx = self.lora_down(x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_down.weight.dtype))
-        if self.dropout and self.training:
-            lx = nn.functional.dropout(lx, p=self.dropout)
-        scale = self.scale
-        if self.rank_dropout and self.training:
-            mask = torch.rand((lx.size(0), self.lora_dim), device=lx.device) > self.rank_dropout
-            if lx.dim() == 3:  # (batch, tokens, rank)
-                mask = mask.unsqueeze(1)
-            elif lx.dim() == 4:  # (batch, rank, h, w)
-                mask = mask.unsqueeze(-1).unsqueeze(-1)
-            lx = lx * mask.to(lx.dtype)
-            scale = scale / (1.0 - self.rank_dropout)  # keep the expected update unchanged
-        lx = self.lora_up(lx)
-        return org_out + (lx * (self.multiplier * scale)).to(org_out.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        """The update `up @ down * scale` in the wrapped layer's weight shape (float32), for merging and max-norm."""
-        down = self.lora_down.weight.float()
-        up = self.lora_up.weight.float()
-        if down.dim() == 2:
-            delta = up @ down
-        elif down.shape[2:] == (1, 1):
-            delta = (up[:, :, 0, 0] @ down[:, :, 0, 0])[:, :, None, None]
-        else:  # kxk down, 1x1 up: out[o, i] = sum_r up[o, r] * down[r, i]
-            delta = torch.einsum("or,rihw->oihw", up[:, :, 0, 0], down)
-        return delta * self.scale
-
-    @torch.no_grad()
-    def merge_into_org(self, multiplier: float | None = None, device: torch.device | str | None = None) -> None:
-        """Add the update to the wrapped layer's weight (in float32, stored back in the layer's dtype)."""
-        self.restore()
-        weight = self.org_module.weight
-        mult = self.multiplier if multiplier is None else float(multiplier)
-        work_device = torch.device(device) if device is not None else weight.device
-        delta = self.delta_weight().to(work_device) * mult
-        merged = weight.to(work_device, torch.float32) + delta
-        weight.copy_(merged.to(weight.device, weight.dtype))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -353,8 +219,10 @@ class LoRANetwork(nn.Module):
         loraplus_lr_ratio: float | None = None,
         loraplus_unet_lr_ratio: float | None = None,
         loraplus_text_encoder_lr_ratio: float | None = None,
+        kind: str | NetworkKind = "lora",
     ):
         super().__init__()
+        self.kind = kind if isinstance(kind, NetworkKind) else get_network_kind(kind)
         self.multiplier = float(multiplier)
         self.lora_dim = int(lora_dim)
         self.alpha = float(alpha)
@@ -400,8 +268,8 @@ class LoRANetwork(nn.Module):
                 dim, alpha = self.lora_dim, self.alpha
             if not dim:
                 continue
-            loras.append(LoRAModule(t.name, t.module, self.multiplier, dim, alpha, self.dropout, self.rank_dropout,
-                                    self.module_dropout))
+            loras.append(self.kind.module_class(t.name, t.module, self.multiplier, dim, alpha, self.dropout,
+                                                self.rank_dropout, self.module_dropout))
         return loras
 
     @property
@@ -663,6 +531,7 @@ def _network_from_weights(
     weights_sd: Mapping[str, torch.Tensor] | None,
     for_inference: bool,
     kwargs: Mapping[str, Any],
+    kind_name: str = "lora",
 ) -> tuple[Any, dict[str, torch.Tensor]]:
     """The model-family-independent half of `create_network_from_weights` (SDXL here, FLUX in lora_flux).
 
@@ -676,12 +545,13 @@ def _network_from_weights(
         weights_sd = load_weights_file(file)[0]
     source = os.fspath(file) if file is not None else "LoRA state dict"
     weights_sd = kn.prepare_for_loading(weights_sd)
-    modules_dim, modules_alpha = kn.infer_dims_and_alphas(weights_sd)
+    kind = get_network_kind(kind_name)
+    modules_dim, modules_alpha = kind.read_shapes(weights_sd)
     if not modules_dim:
-        raise ModelLoadError(f"{source}: no '*.{KEY_DOWN}' tensors: not a kohya LoRA file")
+        raise ModelLoadError(f"{source}: no '*.{kind.tensor_keys[0]}' tensors: not a kohya {kind.name} file")
     args = parse_args(kwargs)
     network = network_cls(
-        text_encoder, unet, multiplier=multiplier, modules_dim=modules_dim, modules_alpha=modules_alpha,
+        text_encoder, unet, multiplier=multiplier, modules_dim=modules_dim, modules_alpha=modules_alpha, kind=kind,
         dropout=None if for_inference else args.get("dropout"),
         rank_dropout=None if for_inference else args.get("rank_dropout"),
         module_dropout=None if for_inference else args.get("module_dropout"),

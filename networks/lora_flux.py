@@ -24,14 +24,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from library.errors import ConfigError, ModelLoadError
 from library.models import flux_keys
 from networks import kohya_names as kn
 from networks import lora as base
-from networks.lora import LoRAModule, LoRANetwork, LoRATarget, find_targets
+from networks.kinds import NetworkKind
+from networks.lora import LoRANetwork, LoRATarget, find_targets
+from networks.lora_modules import FusedLoRAModule, LoRAModule  # re-exported (FusedLoRAModule was defined here)
 from networks.targets import LORA_PREFIX_UNET, TEXT_ENCODER_TARGET_CONTAINERS
 
 logger = logging.getLogger(__name__)
@@ -45,131 +46,6 @@ T5_TARGET_CONTAINERS: tuple[str, ...] = ("T5Attention", "T5DenseGatedActDense", 
 TRAIN_BLOCKS = ("all", "single", "double")
 _FLUX_ARGS = ("train_blocks", "split_qkv", "train_t5xxl")
 _IGNORED_ARGS = ("conv_dim", "conv_alpha")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# One fused module over several layers
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class FusedLoRAModule(LoRAModule):
-    """A LoRA over several Linears that share their input (BFL's fused qkv / linear1), stored as one module.
-
-    The update of member j is `up[rows_j] @ down @ x`. Members are called separately by diffusers with the same input
-    tensor; `down(x)` is computed once and reused by the other members of that call (same tensor object), so the
-    cost and the dropout draws are those of one fused layer.
-    """
-
-    def __init__(self, lora_name: str, members: Sequence[nn.Linear], multiplier: float = 1.0, lora_dim: int = 4,
-                 alpha: float | None = 1.0, dropout: float | None = None, rank_dropout: float | None = None,
-                 module_dropout: float | None = None, split: bool = False):
-        in_features = members[0].in_features
-        if any(not isinstance(m, nn.Linear) or m.in_features != in_features for m in members):
-            raise TypeError(f"{lora_name}: fused members must be Linear layers with the same input size")
-        sizes = [m.out_features for m in members]
-        n = len(members)
-        alpha = float(lora_dim if alpha is None or alpha == 0 else alpha)
-        rank, stored_alpha = (lora_dim * n, alpha * n) if split else (lora_dim, alpha)
-        placeholder = nn.Linear(in_features, sum(sizes), bias=False, device="meta")  # shapes only
-        super().__init__(lora_name, placeholder, multiplier, rank, stored_alpha, dropout, rank_dropout, module_dropout)
-        self._members = tuple(members)
-        self.sizes = sizes
-        self.offsets = [sum(sizes[:j]) for j in range(n)]
-        self.split = split
-        if split:  # block-diagonal up: part j only sees its own r ranks
-            mask = torch.zeros(sum(sizes), rank)
-            for j in range(n):
-                mask[self.offsets[j]:self.offsets[j] + sizes[j], j * lora_dim:(j + 1) * lora_dim] = 1.0
-            self.register_buffer("up_mask", mask, persistent=False)
-        else:
-            self.up_mask = None
-        self._member_forwards: list[Any] | None = None
-        self._had_instance: list[bool] = []
-        self._cache: tuple[torch.Tensor, torch.Tensor, int] | None = None
-
-    @property
-    def members(self) -> tuple[nn.Linear, ...]:
-        return self._members
-
-    @property
-    def is_applied(self) -> bool:
-        return self._member_forwards is not None
-
-    def apply_to(self) -> None:
-        if self.is_applied:
-            return
-        self._had_instance = ["forward" in m.__dict__ for m in self._members]
-        self._member_forwards = [m.forward for m in self._members]
-        for j, m in enumerate(self._members):
-            m.forward = (lambda x, j=j: self.member_forward(j, x))
-
-    def restore(self) -> None:
-        if not self.is_applied:
-            return
-        for m, had, fwd in zip(self._members, self._had_instance, self._member_forwards or []):
-            if had:
-                m.forward = fwd
-            else:
-                del m.forward
-        self._member_forwards = None
-        self._cache = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The fused layer: all members' outputs concatenated (what BFL's qkv / linear1 would return)."""
-        return torch.cat([self.member_forward(j, x) for j in range(len(self._members))], dim=-1)
-
-    def _up_weight(self) -> torch.Tensor:
-        w = self.lora_up.weight
-        return w * self.up_mask.to(w.dtype) if self.up_mask is not None else w
-
-    def _down(self, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
-        """(down(x) after dropouts, scale), shared by the members called with this `x`; None = module dropped."""
-        if self._cache is not None and self._cache[0] is x:
-            _, lx, left = self._cache
-            self._cache = (x, lx, left - 1) if left > 1 else None
-            return (lx, self._cache_scale) if lx is not None else None
-        scale = self.scale
-        lx: torch.Tensor | None
-        if self.module_dropout and self.training and torch.rand(1).item() < self.module_dropout:
-            lx = None
-        else:
-            lx = self.lora_down(x.to(self.lora_down.weight.dtype))
-            if self.dropout and self.training:
-                lx = F.dropout(lx, p=self.dropout)
-            if self.rank_dropout and self.training:
-                mask = torch.rand((lx.size(0), self.lora_dim), device=lx.device) > self.rank_dropout
-                if lx.dim() == 3:
-                    mask = mask.unsqueeze(1)
-                lx = lx * mask.to(lx.dtype)
-                scale = scale / (1.0 - self.rank_dropout)
-        self._cache_scale = scale
-        n = len(self._members)
-        self._cache = (x, lx, n - 1) if n > 1 else None  # type: ignore[assignment]
-        return (lx, scale) if lx is not None else None
-
-    def member_forward(self, j: int, x: torch.Tensor) -> torch.Tensor:
-        if self._member_forwards is None:
-            raise RuntimeError(f"{self.lora_name}: call apply_to() before using the module")
-        org_out = self._member_forwards[j](x)
-        down = self._down(x)
-        if down is None:
-            return org_out
-        lx, scale = down
-        rows = self._up_weight()[self.offsets[j]:self.offsets[j] + self.sizes[j]]
-        return org_out + (F.linear(lx, rows) * (self.multiplier * scale)).to(org_out.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        return (self._up_weight().float() @ self.lora_down.weight.float()) * self.scale
-
-    @torch.no_grad()
-    def merge_into_org(self, multiplier: float | None = None, device: torch.device | str | None = None) -> None:
-        self.restore()
-        mult = self.multiplier if multiplier is None else float(multiplier)
-        delta = self.delta_weight() * mult
-        for m, off, size in zip(self._members, self.offsets, self.sizes):
-            work = torch.device(device) if device is not None else m.weight.device
-            merged = m.weight.to(work, torch.float32) + delta[off:off + size].to(work)
-            m.weight.copy_(merged.to(m.weight.device, m.weight.dtype))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -234,11 +110,15 @@ class FluxLoRANetwork(LoRANetwork):
                  module_dropout: float | None = None, modules_dim: Mapping[str, int] | None = None,
                  modules_alpha: Mapping[str, float] | None = None, train_blocks: str = "all", split_qkv: bool = False,
                  train_t5xxl: bool = False, loraplus_lr_ratio: float | None = None,
-                 loraplus_unet_lr_ratio: float | None = None, loraplus_text_encoder_lr_ratio: float | None = None):
+                 loraplus_unet_lr_ratio: float | None = None, loraplus_text_encoder_lr_ratio: float | None = None,
+                 kind: str | NetworkKind = "lora"):
         super().__init__([], None, multiplier=multiplier, lora_dim=lora_dim, alpha=alpha, dropout=dropout,
                          rank_dropout=rank_dropout, module_dropout=module_dropout,
                          loraplus_lr_ratio=loraplus_lr_ratio, loraplus_unet_lr_ratio=loraplus_unet_lr_ratio,
-                         loraplus_text_encoder_lr_ratio=loraplus_text_encoder_lr_ratio)
+                         loraplus_text_encoder_lr_ratio=loraplus_text_encoder_lr_ratio, kind=kind)
+        if self.kind.fused_module_class is None:
+            raise ConfigError(f"network kind {self.kind.name!r} cannot adapt FLUX's fused layers (qkv, linear1)",
+                              table="--network_args", key="kind")
         self.train_blocks, self.split_qkv, self.train_t5xxl = train_blocks, bool(split_qkv), bool(train_t5xxl)
         tes = base._text_encoder_list(text_encoders)
         if modules_dim is not None:  # from a file: every module the file has, whatever the flags say
@@ -270,10 +150,10 @@ class FluxLoRANetwork(LoRANetwork):
         else:
             dim, alpha, split = self.lora_dim, self.alpha, self.split_qkv
         if len(layers) == 1:
-            return LoRAModule(name, layers[0], self.multiplier, dim, alpha, self.dropout, self.rank_dropout,
-                              self.module_dropout)
-        return FusedLoRAModule(name, layers, self.multiplier, dim, alpha, self.dropout, self.rank_dropout,
-                               self.module_dropout, split=split)
+            return self.kind.module_class(name, layers[0], self.multiplier, dim, alpha, self.dropout,
+                                          self.rank_dropout, self.module_dropout)
+        return self.kind.fused_module_class(name, layers, self.multiplier, dim, alpha, self.dropout,
+                                            self.rank_dropout, self.module_dropout, split=split)
 
 
 # --------------------------------------------------------------------------------------------------------------------
