@@ -24,12 +24,11 @@ DEFAULT_NETWORK_MODULE = "networks.lora_flux"
 def add_args(parser: argparse.ArgumentParser) -> None:
     add_network_args(parser)
     add_flux_args(parser)
-    parser.set_defaults(network_module=DEFAULT_NETWORK_MODULE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     return train_from_argv(argv, family="flux", network_kind="lora", description=__doc__, add_args=add_args,
-                           model_config=flux_model_config)
+                           unset_values={"network_module": DEFAULT_NETWORK_MODULE}, model_config=flux_model_config)
 
 
 if __name__ == "__main__":

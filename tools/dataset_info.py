@@ -1,6 +1,10 @@
 """Inspect a dataset config without loading a model: which images, which captions, which buckets, and why not.
 
     python tools/dataset_info.py --dataset_config dataset.toml [--json]
+    python tools/dataset_info.py --train_data_dir train [--reg_data_dir reg] --resolution 1024 [--json]
+
+The dataset flags are the trainers' own (library/config/dataset_flags.py): a dataset from the command line resolves
+here exactly as `sdxl_train_network.py` would resolve it.
 
 It resolves the config with the same functions training uses (schema -> sources -> buckets), so what it prints is
 what a training run would see, and a config it rejects is rejected by training with the same message.
@@ -16,7 +20,11 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 from typing import Any  # noqa: E402
 
+from library.config.args import new_parser  # noqa: E402
+from library.config.dataset_flags import DatasetFlags  # noqa: E402
 from library.config.dataset_schema import load_dataset_config  # noqa: E402
+from library.config.dataset_source import DatasetSource, dataset_source_from_flags  # noqa: E402
+from library.config.flags import add_flag_group  # noqa: E402
 from library.data.buckets import BucketSpec, assign_bucket, bucket_histogram  # noqa: E402
 from library.data.images import image_size  # noqa: E402  (the header reader training uses)
 from library.data.sources import collect_records  # noqa: E402
@@ -25,15 +33,15 @@ from library.errors import UserError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Show how a dataset config resolves: images, captions and buckets.")
-    p.add_argument("--dataset_config", required=True, help="sd-scripts style dataset TOML")
+    p = new_parser("Show how a dataset config resolves: images, captions and buckets.")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a readable summary")
+    add_flag_group(p, DatasetFlags)
     return p
 
 
-def describe(config_path: str) -> dict[str, Any]:
-    """The report as plain data (the --json output)."""
-    group = load_dataset_config(config_path)
+def describe(source: str | DatasetSource) -> dict[str, Any]:
+    """The report as plain data (the --json output), for a dataset TOML path or the dataset flags' source."""
+    group = load_dataset_config(source)
     return {"datasets": [_describe_dataset(d, group.source) for d in group.datasets]}
 
 
@@ -49,6 +57,7 @@ def _describe_dataset(dataset: DatasetConfig, source: str) -> dict[str, Any]:
                 "conditioning_data_dir": subset.conditioning_data_dir,
                 "is_reg": subset.is_reg,
                 "num_repeats": subset.num_repeats,
+                "class_tokens": subset.class_tokens,
                 "num_images": len(records),
                 "num_validation": sum(r.split == "validation" for r in records),
             }
@@ -117,7 +126,7 @@ def format_summary(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        report = describe(args.dataset_config)
+        report = describe(dataset_source_from_flags(vars(args)))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -11,10 +11,11 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from library.config.dataset_source import DatasetSource
+from library.config.toml_read import read_toml
 from library.data.types import DatasetConfig, DatasetGroupConfig, DatasetKind, SubsetConfig
 from library.errors import ConfigError
 
@@ -126,16 +127,26 @@ DATASET_DEFAULTS: dict[str, Any] = {
 LATENT_GRID = 8
 
 
-def load_dataset_config(path: str, defaults: Mapping[str, Any] | None = None) -> DatasetGroupConfig:
-    """Parse, validate and resolve a dataset TOML.
+def load_dataset_config(source: str | os.PathLike | DatasetSource,
+                        defaults: Mapping[str, Any] | None = None) -> DatasetGroupConfig:
+    """Parse, validate and resolve a dataset TOML, or the table built from the dataset flags.
 
-    `defaults` plays the role of sd-scripts' command-line fallbacks (e.g. `{"resolution": 1024}` from
-    `--resolution`): the lowest-priority table, below `[general]`.
+    `defaults` (and a DatasetSource's `fallbacks`) play the role of sd-scripts' command-line fallbacks (e.g.
+    `{"resolution": 1024}` from `--resolution`): the lowest-priority table, below `[general]`.
     """
-    source = str(path)
-    raw = _read_toml(source)
-    ctx = _Context(source, os.path.dirname(os.path.abspath(source)))
+    if isinstance(source, DatasetSource):
+        fallback = {**source.fallbacks, **(defaults or {})}
+        if source.toml_path is None:
+            return _load(source.table or {}, str(source), os.getcwd(), fallback)
+        source = source.toml_path
+    else:
+        fallback = dict(defaults or {})
+    path = os.fspath(source)
+    return _load(read_toml(path, "dataset config file"), path, os.path.dirname(os.path.abspath(path)), fallback)
 
+
+def _load(raw: Mapping[str, Any], source: str, base_dir: str, fallback: dict[str, Any]) -> DatasetGroupConfig:
+    ctx = _Context(source, base_dir)
     for key in raw:
         if key not in ("general", "datasets"):
             raise ConfigError(
@@ -147,7 +158,6 @@ def load_dataset_config(path: str, defaults: Mapping[str, Any] | None = None) ->
     general = raw.get("general", {})
     if not isinstance(general, dict):
         raise ConfigError("must be a table ([general])", file=source, table="general")
-    fallback = dict(defaults or {})
     ctx.check_table(fallback, "command line", allow_dataset=True)
     ctx.check_table(general, "general", allow_dataset=True)
 
@@ -158,34 +168,6 @@ def load_dataset_config(path: str, defaults: Mapping[str, Any] | None = None) ->
         raise ConfigError("the config defines no [[datasets]] table", file=source, table="datasets")
     datasets = [ctx.resolve_dataset(d, i, general, fallback) for i, d in enumerate(datasets_raw)]
     return DatasetGroupConfig(source=source, datasets=datasets)
-
-
-def _read_toml(source: str) -> dict[str, Any]:
-    """Load TOML with the stdlib parser when present; turn every failure into a ConfigError with the line."""
-    if not os.path.isfile(source):
-        raise ConfigError(f"dataset config file not found: {source}", file=source)
-    try:
-        import tomllib as toml_reader  # Python 3.11+
-    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-        toml_reader = None
-    try:
-        if toml_reader is not None:
-            with open(source, "rb") as f:
-                return toml_reader.load(f)
-        import toml  # install_requires has it for Python 3.10
-
-        with open(source, encoding="utf-8") as f:
-            return toml.load(f)
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"the file is not UTF-8 text ({e.reason} at byte {e.start})", file=source) from None
-    except Exception as e:  # tomllib.TOMLDecodeError / toml.TomlDecodeError
-        message = str(e)
-        line = getattr(e, "lineno", None)
-        if line is None:
-            m = re.search(r"line (\d+)", message)
-            line = int(m.group(1)) if m else None
-        where = f" at line {line}" if line is not None and f"line {line}" not in message else ""
-        raise ConfigError(f"TOML syntax error{where}: {message}", file=source) from None
 
 
 def _suggest(key: str, valid: list[str] | set[str] | frozenset[str]) -> str:
@@ -269,7 +251,7 @@ class _Context:
         values = {k: _lookup(k, chain, DATASET_DEFAULTS.get(k)) for k in DATASET_KEYS}
         resolution = values["resolution"]
         if resolution is None:
-            raise self.error("resolution is not set; set it in [[datasets]] or [general]", table, "resolution")
+            raise self.error("resolution is not set; set it in [[datasets]] or [general], or give --resolution", table, "resolution")
         resolution = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
         dataset = DatasetConfig(
             table=table,

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from library.config.train_config import ModelConfig, from_namespace
+from library.config.environment_flags import warn_once
+from library.config.flags import add_flag_group, config_from_namespace, flag
+from library.config.model_flags import ModelConfig
 from library.errors import UserError
 
 TIMESTEP_SAMPLING = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
@@ -17,20 +19,36 @@ MODEL_PREDICTION_TYPES = ("raw", "additive", "sigma_scaled")
 
 @dataclass
 class FluxConfig:
-    ae: str | None = None
-    clip_l: str | None = None
-    t5xxl: str | None = None
-    t5xxl_max_token_length: int | None = None  # None: 512 for guidance-distilled (dev), 256 otherwise (schnell)
-    apply_t5_attn_mask: bool = False
-    timestep_sampling: str = "sigma"
-    sigmoid_scale: float = 1.0
-    discrete_flow_shift: float = 3.0
-    model_prediction_type: str = "sigma_scaled"
-    guidance_scale: float = 3.5
-    fp8_base: bool = False
-    blocks_to_swap: int | None = None
-    kontext: bool = False
-    kontext_degrade: str | None = None
+    """FLUX"""
+
+    ae: str | None = flag(None, "FLUX autoencoder (ae.safetensors, BFL layout)")
+    clip_l: str | None = flag(None, "CLIP-L text encoder (.safetensors, HF CLIPTextModel keys)")
+    t5xxl: str | None = flag(None, "T5-XXL encoder (.safetensors, HF T5EncoderModel keys)")
+    # None: 512 for guidance-distilled (dev), 256 otherwise (schnell)
+    t5xxl_max_token_length: int | None = flag(None, "T5 tokens per caption (default 512 for dev, 256 for schnell)")
+    apply_t5_attn_mask: bool = flag(False, "mask T5 padding in the encoder and the DiT")
+    timestep_sampling: str = flag("sigma", "sigma: uniform over the shifted schedule; uniform; sigmoid (of a normal); "
+                                           "shift (sigmoid, then --discrete_flow_shift); flux_shift (sigmoid, then "
+                                           "FLUX's resolution-dependent shift)", choices=TIMESTEP_SAMPLING, type=str)
+    sigmoid_scale: float = flag(1.0, "scale of the normal draw of sigmoid sampling")
+    discrete_flow_shift: float = flag(3.0, "shift of the flow-matching schedule")
+    model_prediction_type: str = flag("sigma_scaled", "how the model output is turned into the prediction compared "
+                                                      "with noise - latents", choices=MODEL_PREDICTION_TYPES, type=str)
+    guidance_scale: float = flag(3.5, "distilled guidance fed to guidance-distilled models (FLUX.1 dev) while "
+                                      "training")
+    fp8_base: bool = flag(False, "store the transformer's block Linears in fp8 and upcast them per layer (halves "
+                                 "their memory)")
+    fp8_base_unet: bool = flag(False, "fp8 for the transformer only (text encoders as trained): the same as "
+                                      "--fp8_base here, which never puts the text encoders in fp8")
+    blocks_to_swap: int | None = flag(None, "keep this many transformer blocks on the CPU, moving each to the GPU "
+                                            "while it runs (needs --gradient_checkpointing; without a CUDA GPU: a "
+                                            "warning, and no swapping)")
+    split_mode: bool = flag(False, "retired in sd-scripts (FLUX LoRA trained on split blocks); accepted with a "
+                                   "warning, training runs without it")
+    kontext: bool = flag(False, "paired training: the dataset's conditioning image is appended as extra image "
+                                "tokens")
+    kontext_degrade: str | None = flag(None, 'make the control image by degrading the target, e.g. '
+                                             '"downsample=4,noise=0.05,blur=1.5,jpeg=30" (implies --kontext)')
 
     def __post_init__(self) -> None:
         if self.timestep_sampling not in TIMESTEP_SAMPLING:
@@ -57,34 +75,24 @@ class FluxModelConfig(ModelConfig):
 
 
 def add_flux_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("FLUX")
-    g.add_argument("--ae", type=str, default=None, help="FLUX autoencoder (ae.safetensors, BFL layout)")
-    g.add_argument("--clip_l", type=str, default=None, help="CLIP-L text encoder (.safetensors, HF CLIPTextModel keys)")
-    g.add_argument("--t5xxl", type=str, default=None, help="T5-XXL encoder (.safetensors, HF T5EncoderModel keys)")
-    g.add_argument("--t5xxl_max_token_length", type=int, default=None,
-                   help="T5 tokens per caption (default 512 for dev, 256 for schnell)")
-    g.add_argument("--apply_t5_attn_mask", action="store_true", help="mask T5 padding in the encoder and the DiT")
-    g.add_argument("--timestep_sampling", choices=TIMESTEP_SAMPLING, default="sigma",
-                   help="sigma: uniform over the shifted schedule; uniform; sigmoid (of a normal); shift (sigmoid, "
-                        "then --discrete_flow_shift); flux_shift (sigmoid, then FLUX's resolution-dependent shift)")
-    g.add_argument("--sigmoid_scale", type=float, default=1.0, help="scale of the normal draw of sigmoid sampling")
-    g.add_argument("--discrete_flow_shift", type=float, default=3.0, help="shift of the flow-matching schedule")
-    g.add_argument("--model_prediction_type", choices=MODEL_PREDICTION_TYPES, default="sigma_scaled",
-                   help="how the model output is turned into the prediction compared with noise - latents")
-    g.add_argument("--guidance_scale", type=float, default=3.5,
-                   help="distilled guidance fed to guidance-distilled models (FLUX.1 dev) while training")
-    g.add_argument("--fp8_base", action="store_true",
-                   help="store the transformer's block Linears in fp8 and upcast them per layer (halves their memory)")
-    g.add_argument("--blocks_to_swap", type=int, default=None,
-                   help="keep this many transformer blocks on the CPU, moving each to the GPU while it runs (CUDA "
-                        "only; needs --gradient_checkpointing)")
-    g.add_argument("--kontext", action="store_true",
-                   help="paired training: the dataset's conditioning image is appended as extra image tokens")
-    g.add_argument("--kontext_degrade", type=str, default=None,
-                   help='make the control image by degrading the target, e.g. "downsample=4,noise=0.05,blur=1.5,'
-                        'jpeg=30" (implies --kontext)')
+    add_flag_group(p, FluxConfig)
 
 
 def flux_model_config(ns: argparse.Namespace) -> FluxModelConfig:
-    """The model config of a FLUX run from the parsed flags."""
-    return from_namespace(FluxModelConfig, ns, flux=from_namespace(FluxConfig, ns))
+    """The model config of a FLUX run from the parsed flags; machine-only flags that cannot apply here are answered
+    with a warning (see library.config.environment_flags) instead of stopping the run."""
+    import torch
+
+    values = dict(vars(ns))
+    messages = []
+    if values.get("fp8_base_unet"):
+        values["fp8_base"] = True
+    if values.get("split_mode"):
+        messages.append("--split_mode: retired (sd-scripts removed it); the LoRA trains on the whole blocks")
+    if values.get("blocks_to_swap") and not torch.cuda.is_available():
+        messages.append(f"--blocks_to_swap {values['blocks_to_swap']}: no CUDA GPU on this machine, so no blocks are "
+                        "swapped (the whole transformer stays on the CPU)")
+        values["blocks_to_swap"] = None
+    warn_once(messages)
+    flux_ns = argparse.Namespace(**values)
+    return config_from_namespace(FluxModelConfig, flux_ns, flux=config_from_namespace(FluxConfig, flux_ns))

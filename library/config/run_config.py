@@ -1,15 +1,33 @@
-"""`--config_file run.toml`: argument values from TOML (sections flattened), overridden by command-line flags."""
+"""`--config_file run.toml`: flag values from a TOML file (sections flattened), overridden by command-line flags.
+
+The file is read as dataset TOMLs are (library.config.toml_read). Keys that are no flag of this script are what
+front ends such as the kohya_ss GUI add (`epoch`, `noise_offset_type`, ...) and sd-scripts ignores them: one warning
+lists them, with a "did you mean" for near-misses of real flags, and the run goes on; `--config_strict` makes them an
+error instead.
+"""
 from __future__ import annotations
 
 import argparse
 import difflib
 import os
+from dataclasses import dataclass
 from typing import Any, Sequence
 
-import toml
-
+from library.config.environment_flags import warn_once
+from library.config.flags import flag
+from library.config.toml_read import read_toml
 from library.errors import ConfigError
 from library.fileio import write_text_atomic
+
+
+@dataclass
+class ConfigFileFlags:
+    """config file"""
+
+    config_file: str | None = flag(None, "TOML with flag values (sections are flattened; command-line flags win)")
+    output_config: bool = flag(False, "write the flags to --config_file and exit")
+    config_strict: bool = flag(False, "make keys of --config_file that are no flag of this script an error (default: "
+                                      "one warning lists them and the run goes on)")
 
 
 def _flatten(table: dict[str, Any], file: str, prefix: str = "") -> dict[str, tuple[Any, str]]:
@@ -17,7 +35,10 @@ def _flatten(table: dict[str, Any], file: str, prefix: str = "") -> dict[str, tu
     out: dict[str, tuple[Any, str]] = {}
     for key, value in table.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, file, f"{prefix}{key}."))
+            for k, v in _flatten(value, file, f"{prefix}{key}.").items():
+                if k in out:
+                    raise ConfigError("the argument is set twice", file=file, table=v[1], key=k)
+                out[k] = v
         else:
             if key in out:
                 raise ConfigError("the argument is set twice", file=file, table=prefix.rstrip(".") or "top level",
@@ -27,13 +48,8 @@ def _flatten(table: dict[str, Any], file: str, prefix: str = "") -> dict[str, tu
 
 
 def read_run_config(path: str) -> dict[str, tuple[Any, str]]:
-    if not os.path.isfile(path):
-        raise ConfigError("file not found", file=path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return _flatten(toml.load(f), path)
-    except toml.TomlDecodeError as e:
-        raise ConfigError(f"invalid TOML at line {e.lineno}, column {e.colno}: {e.msg}", file=path) from None
+    """Every key of a run TOML with its value and section."""
+    return _flatten(read_toml(path, "config file"), path)
 
 
 def _coerce(action: argparse.Action, value: Any, file: str, section: str) -> Any:
@@ -57,6 +73,10 @@ def _coerce_scalar(action: argparse.Action, value: Any, file: str, section: str,
         if numeric and (isinstance(value, (bool, str)) or (action.type is int and isinstance(value, float)
                                                            and not value.is_integer())):
             raise ConfigError(f"expected {tname}, got {value!r}", file=file, table=section, key=key)
+        if action.type is not str and not numeric and not isinstance(value, str):
+            value = str(value)  # types that parse text (int_or_float, Path) get the text argparse would give
+            if value in ("True", "False"):
+                raise ConfigError(f"expected {tname}, got {value.lower()}", file=file, table=section, key=key)
         try:
             value = action.type(value)
         except (TypeError, ValueError):
@@ -64,6 +84,16 @@ def _coerce_scalar(action: argparse.Action, value: Any, file: str, section: str,
     if action.choices is not None and value not in action.choices:
         raise ConfigError(f"expected one of {list(action.choices)}, got {value!r}", file=file, table=section, key=key)
     return value
+
+
+def unknown_keys_message(unknown: dict[str, str], known: Sequence[str], file: str) -> str:
+    """One message for all keys that are no flag: each with its section and a near-miss suggestion."""
+    parts = []
+    for key, section in unknown.items():
+        close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
+        where = "" if section == "top level" else f" [{section}]"
+        parts.append(f"'{key}'{where}" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    return f"{file}: {len(unknown)} key(s) are no flag of this script: " + ", ".join(parts)
 
 
 def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -74,13 +104,18 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
         if not config_file.endswith(".toml") and not os.path.exists(config_file) and os.path.exists(config_file + ".toml"):
             config_file += ".toml"
         actions = {a.dest: a for a in parser._actions if a.dest != "help"}
-        defaults = {}
+        defaults, unknown = {}, {}
         for key, (value, section) in read_run_config(config_file).items():
             if key not in actions:
-                close = difflib.get_close_matches(key, list(actions), n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise ConfigError(f"unknown argument{hint}", file=config_file, table=section, key=key)
+                unknown[key] = section
+                continue
             defaults[key] = _coerce(actions[key], value, config_file, section)
+        if unknown:
+            message = unknown_keys_message(unknown, list(actions), config_file)
+            if getattr(first, "config_strict", False) or defaults.get("config_strict"):
+                raise ConfigError(message.split(": ", 1)[1] + "; remove them, or drop --config_strict to have them "
+                                  "ignored with a warning", file=config_file)
+            warn_once([f"{message}; they are ignored (--config_strict makes them an error)"])
         parser.set_defaults(**defaults)
         for a in parser._actions:  # a required flag given by the file is no longer required on the command line
             if a.dest in defaults:
@@ -88,7 +123,32 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
     return parser.parse_args(argv)
 
 
-def write_run_config(args: argparse.Namespace, path: str, exclude: Sequence[str] = ("config_file", "output_config")) -> None:
+def write_run_config(args: argparse.Namespace, path: str,
+                     exclude: Sequence[str] = ("config_file", "output_config")) -> None:
     """Write the arguments as a flat TOML (None values omitted: TOML has no null)."""
     data = {k: v for k, v in sorted(vars(args).items()) if v is not None and k not in exclude}
-    write_text_atomic(path, toml.dumps(data), newline=None)
+    write_text_atomic(path, dumps_flat_toml(data), newline=None)
+
+
+def dumps_flat_toml(data: dict[str, Any]) -> str:
+    """A flat TOML of scalars and lists of scalars (all a run config holds); tomllib reads it back unchanged."""
+    return "".join(f"{key} = {_toml_value(value)}\n" for key, value in data.items())
+
+
+def _toml_value(value: Any) -> str:
+    import json
+    import math
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid TOML basic string

@@ -2,20 +2,30 @@
 from __future__ import annotations
 
 import argparse
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from library.config.args import build_train_parser
+from library.config.environment_flags import environment_warnings, warn_once
 from library.config.run_config import parse_args_with_config, write_run_config
 from library.config.train_config import ModelConfig, run_config_from_namespace
 from library.errors import UserError
 
 
-def train_from_argv(argv: Sequence[str] | None, *, family: str, network_kind: str, description: str,
-                    add_args: Callable[[argparse.ArgumentParser], None],
-                    model_config: Callable[[argparse.Namespace], ModelConfig] | None = None) -> int:
-    """`model_config` lets a family carry its own flags in a ModelConfig subclass (e.g. FLUX's FluxModelConfig)."""
+def build_script_parser(description: str | None, add_args: Callable[[argparse.ArgumentParser], None]
+                        ) -> argparse.ArgumentParser:
+    """A trainer's full parser: the shared groups plus the script's own (also what the flag-set test inspects)."""
     parser = build_train_parser(description)
     add_args(parser)
+    return parser
+
+
+def train_from_argv(argv: Sequence[str] | None, *, family: str, network_kind: str, description: str | None,
+                    add_args: Callable[[argparse.ArgumentParser], None],
+                    unset_values: Mapping[str, Any] | None = None,
+                    model_config: Callable[[argparse.Namespace], ModelConfig] | None = None) -> int:
+    """`unset_values`: the script's values for flags left unset (e.g. FLUX's network module); `model_config` lets a
+    family carry its own flags in a ModelConfig subclass (e.g. FLUX's FluxModelConfig)."""
+    parser = build_script_parser(description, add_args)
     args = parse_args_with_config(parser, argv)
     if args.output_config:
         if not args.config_file:
@@ -23,6 +33,10 @@ def train_from_argv(argv: Sequence[str] | None, *, family: str, network_kind: st
         write_run_config(args, args.config_file)
         print(f"wrote {args.config_file}")
         return 0
+    for name, value in (unset_values or {}).items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    apply_environment(args)
     from library.train.loop import train
 
     cfg = run_config_from_namespace(args, family, network_kind)
@@ -31,3 +45,16 @@ def train_from_argv(argv: Sequence[str] | None, *, family: str, network_kind: st
     result = train(cfg)
     print(f"saved {result.output_file} after {result.global_step} steps")
     return 0
+
+
+def apply_environment(args: argparse.Namespace) -> None:
+    """Warn once about machine flags that cannot apply here, and turn off what would fail (never stop the run)."""
+    import torch
+
+    from library.config.environment_flags import _xformers_available
+
+    warn_once(environment_warnings(vars(args), torch.cuda.is_available()))
+    if getattr(args, "xformers", False) and not _xformers_available():
+        args.xformers = False
+    if getattr(args, "save_model_as", None) in ("ckpt", "pt"):
+        args.save_model_as = "safetensors"

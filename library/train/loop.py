@@ -75,8 +75,7 @@ def prepare_base_models(cfg: RunConfig, family: ModelFamily, models: dict[str, A
         try:
             denoiser.enable_xformers_memory_efficient_attention()
         except Exception as e:  # not installed, or no CUDA build
-            raise UserError(f"--xformers: cannot enable xformers attention ({e}); install the xformers extra or "
-                            "drop the flag (PyTorch SDPA is the default)") from None
+            print(f"warning: --xformers: cannot enable xformers attention ({e}); PyTorch SDPA is used instead")
     if cfg.training.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
         denoiser.train()  # diffusers only checkpoints in train mode
