@@ -274,3 +274,25 @@ def test_unwritable_output_at_the_rescue_falls_back_to_a_rescue_folder(tmp_path,
     assert len(rescued) == 1, sorted(p.name for p in tmp_path.iterdir())
     state = assert_interrupted_files(rescued[0], min_step=2)
     assert json.loads((state / "loop_state.json").read_text())["global_step"] == 2
+
+
+def test_progress_bar_says_when_it_samples(monkeypatch):
+    """Sampling can take minutes between two steps: the bar says so, and says "steps" again afterwards."""
+    from types import SimpleNamespace
+
+    from tqdm.auto import tqdm
+
+    from library.train import loop, sampling
+
+    seen = []
+    bar = tqdm(total=3, desc="steps", disable=False, file=io.StringIO())
+    monkeypatch.setattr(sampling, "sample_during_training", lambda *a, **k: seen.append(bar.desc))
+    trainer = loop.Trainer.__new__(loop.Trainer)
+    trainer.s = SimpleNamespace(cfg=SimpleNamespace(sample=SimpleNamespace(sample_prompts="p.txt")), sharded=False,
+                                accelerator=SimpleNamespace(is_main_process=True))
+    trainer.state = SimpleNamespace(global_step=1)
+    trainer._bar = bar
+    trainer.sample()
+    assert seen and seen[0].startswith("sampling"), seen
+    assert bar.desc == "steps"
+    bar.close()
