@@ -65,6 +65,9 @@ def test_cli_writes_pngs_with_metadata(tmp_path, tiny_flux_single):
     assert all(f.stem.endswith(f"_{i.seed}") for f, i in zip(files, infos))
     arr = pixels(files)
     assert max_diff(arr[0], arr[1]) > 0  # different seeds, different images
+    # progress with ETA: one bar over the run's images, one over each batch's denoising steps
+    assert "images: 100%" in r.stderr and "4/4 [" in r.stderr, r.stderr[-2000:]
+    assert "batch 2/2 steps" in r.stderr, r.stderr[-2000:]
 
 
 def test_lora_multiplier_zero_is_base_one_changes(tmp_path, tiny_flux_single, flux_lora):

@@ -142,6 +142,9 @@ def test_cli_writes_pngs_with_metadata_and_redraws_wildcards(tmp_path, tiny_sdxl
     assert len({i.seed for i in infos}) == 6
     with Image.open(files[0]) as im:
         assert "Steps: 2, Sampler: Euler a, CFG scale: 5, Seed:" in im.text["parameters"]
+    # progress with ETA: one bar over the run's images, one over each batch's denoising steps
+    assert "images: 100%" in r.stderr and "6/6 [" in r.stderr, r.stderr[-2000:]
+    assert "batch 1/4 steps" in r.stderr and "batch 4/4 steps" in r.stderr, r.stderr[-2000:]
 
 
 def test_cli_missing_model_is_one_line_error(tmp_path):
