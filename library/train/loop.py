@@ -13,13 +13,13 @@ from tqdm.auto import tqdm
 
 from library.config.train_config import RunConfig
 from library.errors import UserError
+from library.families.interface import ModelFamily
+from library.families.registry import get_family
 from library.models.lowvram import place_module
 from library.train import checkpoint as ckpt
 from library.train.attention import configure_training_attention
 from library.train.batch_inputs import batch_latents, batch_text
 from library.train.epoch_plan import PlannedBatch, plan_epoch
-from library.families.interface import ModelFamily
-from library.families.registry import get_family
 from library.train.loop_math import all_reduce_mean_, masked_mse, nonfinite_grads, step_generator
 from library.train.network_adapter import TrainNetwork, build_network
 from library.train.preflight import preflight

@@ -11,9 +11,10 @@ at once in one `UserError` (a user with three broken images fixes them in one go
 * `--sample_prompts` parses with every option, through the very function sampling uses, and the control images
   it names (`--cn`) exist; `--sample_sampler` is a known sampler name.
 * Every training, validation and conditioning image opens and has a readable header. Formats whose container
-  carries checksums (PNG) are verified without decoding pixels, which catches most truncated downloads; a JPEG cut
-  short after its header is only found when its pixels are decoded, during training (the loop then saves before
-  it stops, see `library/train/rescue.py`).
+  carries checksums (PNG) are verified without decoding pixels, which catches most truncated downloads (skipped
+  with a disk latent cache, whose valid entries mean the images are not decoded again); a JPEG cut short after its
+  header is only found when its pixels are decoded, during training (the loop then saves before it stops, see
+  `library/train/rescue.py`).
 
 Each process runs the same checks on the same inputs before the process group forms, so they fail together and
 none waits for the others.
@@ -21,8 +22,10 @@ none waits for the others.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import tempfile
+import warnings
 from typing import Iterable
 
 from library.config.train_config import RunConfig
@@ -102,41 +105,63 @@ def check_sample_prompts(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def image_problem(path: str) -> str | None:
-    """Why the image at `path` cannot be used, from its header (and its checksums where the format has them)."""
-    from PIL import Image, UnidentifiedImageError
+def image_problem(path: str, verify: bool = True) -> str | None:
+    """Why the image at `path` cannot be used: its header read as the dataset build reads it (the same errors,
+    decompression bombs included) and, with `verify`, its checksums where the format has them (PNG: every chunk's
+    CRC; this reads the whole file but decodes no pixels)."""
+    from PIL import Image
+
+    from library.data.images import ImageLoadError, image_size
 
     if not os.path.isfile(path):
         return f"{path}: missing"
     try:
-        with Image.open(path) as img:
-            width, height = img.size
-            if width < 1 or height < 1:
-                return f"{path}: empty image ({width}x{height})"
-            img.verify()  # PNG: every chunk and its CRC, no pixel decoding; a no-op for formats without checksums
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        return f"{path}: cannot be read ({type(e).__name__}: {e})"
+        width, height = image_size(path)
+    except ImageLoadError as e:
+        return str(e)
+    if width < 1 or height < 1:
+        return f"{path}: empty image ({width}x{height})"
+    if not verify:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the header read has judged the size
+            with Image.open(path) as img:
+                img.verify()  # a no-op for formats without checksums
+    except Exception as e:  # PIL raises many types on damaged data (OSError, SyntaxError, struct.error, ...)
+        return f"{path}: damaged, the file may be truncated ({type(e).__name__}: {e}); replace or remove it"
     return None
 
 
-def dataset_image_paths(dataset_config: str) -> list[str]:
-    """Every image the dataset config names (training, regularisation, validation, conditioning), in order."""
+def dataset_image_paths(dataset_config: str) -> tuple[list[str], list[str]]:
+    """Every image the dataset config names: (training, regularisation and validation images; conditioning
+    images), each in order."""
     from library.config.dataset_schema import load_dataset_config
-    from library.data.sources import collect_records
+    from library.data import sources
 
-    group = load_dataset_config(dataset_config)
-    paths: list[str] = []
-    for d in group.datasets:
-        for records in collect_records(d, group.source):
-            for rec in records:
-                paths.append(rec.path)
-                if rec.conditioning_path:
-                    paths.append(rec.conditioning_path)
-    return list(dict.fromkeys(paths))
+    images: list[str] = []
+    conditioning: list[str] = []
+    # the dataset build right after this gives the config's and the captions' warnings, once
+    quiet = [logging.getLogger(name) for name in ("library.config.dataset_schema", sources.__name__)]
+    was_disabled = [q.disabled for q in quiet]
+    for q in quiet:
+        q.disabled = True
+    try:
+        group = load_dataset_config(dataset_config)
+        for d in group.datasets:
+            for records in sources.collect_records(d, group.source):
+                for rec in records:
+                    images.append(rec.path)
+                    if rec.conditioning_path:
+                        conditioning.append(rec.conditioning_path)
+    finally:
+        for q, was in zip(quiet, was_disabled):
+            q.disabled = was
+    return list(dict.fromkeys(images)), list(dict.fromkeys(conditioning))
 
 
-def check_images(paths: Iterable[str]) -> list[str]:
-    return [p for p in (image_problem(path) for path in paths) if p]
+def check_images(paths: Iterable[str], verify: bool = True) -> list[str]:
+    return [p for p in (image_problem(path, verify) for path in paths) if p]
 
 
 def format_image_problems(dataset_config: str, bad: list[str]) -> str:
@@ -157,7 +182,11 @@ def preflight(cfg: RunConfig) -> None:
                              check_loss_log(cfg.log.loss_log_file),
                              check_network_module(cfg)) if p]
     problems += check_sample_prompts(cfg)
-    bad_images = check_images(dataset_image_paths(cfg.training.dataset_config))
+    images, conditioning = dataset_image_paths(cfg.training.dataset_config)
+    # with a disk latent cache, a valid cache entry means the image is never decoded again and a stale one is
+    # re-encoded before step 1, so the header suffices (and a valid cache does not cost a read of every file);
+    # otherwise pixels are decoded mid-epoch: verify them now. Conditioning images are never cached.
+    bad_images = check_images(images, verify=not cfg.cache.cache_latents_to_disk) + check_images(conditioning)
     if bad_images:
         problems.append(format_image_problems(cfg.training.dataset_config, bad_images))
     if len(problems) == 1:
