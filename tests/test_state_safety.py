@@ -101,6 +101,17 @@ def test_tree_round_trip_keeps_types_and_refuses_what_json_cannot_hold(tmp_path)
         state_io.write_tree(str(tmp_path), "scheduler", {"lambda": lambda step: 1.0})
 
 
+def test_fp16_loss_scaler_state_round_trips_as_json_numbers(tmp_path):
+    from library.train import state_io
+
+    saved = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
+    state_io.write_tree(str(tmp_path), "scaler", saved.state_dict())
+    assert json.loads((tmp_path / "scaler.json").read_text())["scale"] == 1024.0
+    loaded = torch.amp.GradScaler("cpu")
+    loaded.load_state_dict(state_io.read_tree(str(tmp_path), "scaler"))
+    assert (loaded.get_scale(), loaded.get_growth_interval()) == (1024.0, 7)
+
+
 def test_rng_state_round_trips_through_the_files(tmp_path):
     import random
 

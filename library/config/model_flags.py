@@ -13,7 +13,8 @@ class ModelConfig:
     pretrained_model_name_or_path: str | None = flag(
         None, "base model: a single-file .safetensors checkpoint or a diffusers folder")
     tokenizer_cache_dir: str | None = flag(None, "folder with tokenizer files (for single-file checkpoints offline)")
-    allow_pickle: bool = flag(False, "allow loading pickled .ckpt/.pt files (they can run code: only trusted files)")
+    allow_pickle: bool = flag(False, "allow loading pickled .ckpt/.pt files and --resume state folders of earlier "
+                                     "versions (they can run code: only trusted files)")
     vae: str | None = flag(None, "separate VAE to use instead of the checkpoint's (single file or diffusers folder)")
     no_half_vae: bool = flag(False, "keep the VAE in fp32 under mixed precision (the SDXL VAE overflows in fp16)")
     v_parameterization: bool = flag(False, "the model predicts v (v-prediction) instead of the noise")

@@ -46,26 +46,31 @@ def dataset_summary(dataset: Any) -> dict[str, Any]:
             "fingerprint": digest}
 
 
-def _optimizer_class(optimizer: Any) -> str:
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
-    return f"{type(inner).__module__}.{type(inner).__qualname__}"
+def _qualified(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _plain(value: Any) -> Any:
+    """A flag value as JSON keeps it (tuples as lists), so that a value compares equal after the round trip."""
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def describe_run(session: Any) -> dict[str, Any]:
     """The facts about the current run that a state saved from it depends on."""
     cfg = session.cfg
     groups = session.optimizer.param_groups
+    inner = getattr(session.optimizer, "optimizer", session.optimizer)  # accelerate wraps it
     return {
         "num_processes": session.accelerator.num_processes,
         "seed": cfg.training.seed,
         "gradient_accumulation_steps": cfg.training.gradient_accumulation_steps,
         "network": {"kind": cfg.network_kind,
-                    "flags": {k: getattr(cfg.network, k) for k in _NETWORK_FLAGS},
+                    "flags": {k: _plain(getattr(cfg.network, k, None)) for k in _NETWORK_FLAGS},
                     "shapes": network_shapes(session.network.module)},
-        "optimizer": {"type": cfg.optimizer.optimizer_type, "class": _optimizer_class(session.optimizer),
+        "optimizer": {"type": cfg.optimizer.optimizer_type or type(inner).__name__, "class": _qualified(inner),
                       "group_sizes": [len(g["params"]) for g in groups],
-                      "optimizer_args": list(cfg.optimizer.optimizer_args), "learning_rate": cfg.optimizer.learning_rate,
-                      "lr_scheduler": cfg.optimizer.lr_scheduler},
+                      "optimizer_args": list(cfg.optimizer.optimizer_args or []),
+                      "learning_rate": cfg.optimizer.learning_rate},
         "datasets": [dataset_summary(d) for d in session.datasets],
         "batches_per_epoch": session.batches_per_epoch,
     }
