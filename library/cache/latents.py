@@ -32,7 +32,7 @@ from library.cache.provenance import source_digest
 from library.cache.storage import CacheCorrupt, load_tensors, read_metadata, save_tensors_atomic
 from library.data.dataset import DatasetItem, TrainDataset
 from library.data.images import choose_crop
-from library.errors import ConfigError
+from library.errors import ConfigError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,12 @@ class LatentCache:
 
     def _expected(self, index: int) -> dict[str, str]:
         assert self._dataset is not None
-        return expected_metadata(self._dataset.items[index], self.encoder_id, self._flip[index])
+        item = self._dataset.items[index]
+        try:
+            return expected_metadata(item, self.encoder_id, self._flip[index])
+        except OSError as e:  # the image was removed or made unreadable during the run
+            raise UserError(f"{item.record.path}: training image cannot be read any more "
+                            f"({type(e).__name__}: {e.strerror or e}); restore it or restart without it") from None
 
     def _disk_problem(self, path: str, expected: dict[str, str]) -> str | None:
         """Why the file at `path` cannot be used (None: it can): missing, unreadable, or the provenance key that
