@@ -264,8 +264,8 @@ def run_variant(cfg: BenchConfig, variant: str) -> dict[str, Any]:
 
     from library.families import noise as noise_lib
     from library.families.interface import NoisyInput
-    from library.train.loop import masked_mse
     from library.families.sdxl import SDXLFamily
+    from library.train.loop import masked_mse
 
     device = torch.device(cfg.device)
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32

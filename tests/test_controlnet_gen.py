@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from library.errors import UserError
+from library.prompts.language import parse_prompt_line
+from library.prompts.png_metadata import read_png_info
 from library.sample.controlnets import ControlNetSpec, mode_index, specs_from_flags
 from library.sample.flux_generate import FluxGenerationConfig, FluxOptions, run_flux_generation
-from library.prompts.png_metadata import read_png_info
-from library.prompts.language import parse_prompt_line
 from library.sample.generation import GenerationConfig, LLLiteSpec, plan_requests
 from library.sample.sdxl_generate import SDXLGenerator, check_config, run_generation
 

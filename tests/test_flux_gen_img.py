@@ -6,13 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_lora_up, run_script
 from PIL import Image
 
-from conftest import randomize_lora_up, run_script
 from library.cli import run_main
-from library.sample.flux_generate import FluxGenerationConfig, FluxOptions, run_flux_generation
-from library.prompts.png_metadata import read_png_info
 from library.prompts.language import parse_prompt_line
+from library.prompts.png_metadata import read_png_info
+from library.sample.flux_generate import FluxGenerationConfig, FluxOptions, run_flux_generation
 from library.sample.generation import GenerationConfig, NetworkSpec
 
 SIZE = 64

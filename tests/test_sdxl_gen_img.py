@@ -14,8 +14,8 @@ from PIL import Image
 
 from conftest import randomize_lora_up, run_script
 from library.cli import run_main
-from library.prompts.png_metadata import read_png_info
 from library.prompts.language import parse_prompt_line
+from library.prompts.png_metadata import read_png_info
 from library.sample.generation import (
     GenerationConfig, LLLiteSpec, NetworkSpec, derive_seed, make_batches, plan_requests,
 )

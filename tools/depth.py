@@ -51,8 +51,8 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from library.errors import UserError
     from library.data.control_maps import DepthEstimator
+    from library.errors import UserError
 
     args = setup_parser().parse_args(argv)
     if not os.path.isdir(args.input_dir):

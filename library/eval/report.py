@@ -21,7 +21,6 @@ import torch
 
 from library.data.images import IMAGE_EXTENSIONS, load_image
 from library.errors import UserError
-from library.fileio import write_text_atomic
 from library.eval.metrics import (
     CLIP_FLAG,
     DINO_FLAG,
@@ -33,6 +32,7 @@ from library.eval.metrics import (
     per_image_cosine,
     strip_token,
 )
+from library.fileio import write_text_atomic
 from library.prompts.png_metadata import read_png_info
 
 logger = logging.getLogger(__name__)

@@ -21,10 +21,10 @@ import torch
 from library.config.flux_config import FluxConfig
 from library.errors import UserError
 from library.families import noise as noise_lib
-from library.families.interface import ModelFamily, NoisyInput, SampleRequest, module_fingerprint
 from library.families.flux_latents import KONTEXT_CONTROL_INDEX, image_ids, pack_latents, unpack_latents
 from library.families.flux_placement import apply_low_vram, check_low_vram_flags
 from library.families.flux_sigmas import sample_sigmas
+from library.families.interface import ModelFamily, NoisyInput, SampleRequest, module_fingerprint
 from library.families.registry import register_family
 
 logger = logging.getLogger(__name__)

@@ -23,9 +23,9 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
 from library.errors import ModelLoadError
-from library.models.single_file import json_config_from_metadata, read_single_file
 from library.models import flux_keys, sdxl_keys
 from library.models.sdxl_loader import infer_text_config
+from library.models.single_file import json_config_from_metadata, read_single_file
 from library.models.tokenizers import find_tokenizer_folder, shipped_clip_tokenizer
 from library.models.vae_config import count_indices, infer_autoencoder_kl_config
 

@@ -18,9 +18,9 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from library.errors import ModelLoadError
-from library.models.single_file import json_config_from_metadata, read_single_file
 from library.fileio import save_safetensors_atomic
 from library.models import sdxl_keys
+from library.models.single_file import json_config_from_metadata, read_single_file
 from library.models.tokenizers import load_sdxl_tokenizers
 from library.models.vae_config import count_indices, groups_dividing, infer_autoencoder_kl_config
 

@@ -16,7 +16,7 @@ from PIL import Image, PngImagePlugin
 
 from library.errors import UserError
 from library.fileio import atomic_path
-from library.prompts.samplers import SAMPLERS, SAMPLER_ALIASES, a1111_sampler_label, sampler_from_a1111_label
+from library.prompts.samplers import SAMPLER_ALIASES, SAMPLERS, a1111_sampler_label, sampler_from_a1111_label
 
 # chunk names, as sd-scripts' generation scripts write them
 KEY_PROMPT = "prompt"

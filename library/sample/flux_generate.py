@@ -30,13 +30,13 @@ from library.errors import UserError
 from library.families.flux import FluxFamily
 from library.families.flux_latents import pack_latents, unpack_latents
 from library.families.flux_placement import apply_low_vram, check_low_vram_flags, place_transformer
+from library.prompts.language import PromptSpec
 from library.sample import gen_args
 from library.sample.controlnets import build_flux_pipeline, flux_call_kwargs, load_controlnets
-from library.prompts.language import PromptSpec
 from library.sample.generation import (
-    DTYPES, SEED_RANGE, AttachedNetworks, GenerationConfig, ImageProgress, ImageRequest, NetworkSpec, check_common, controlnet_images,
-    initial_noise, list_images, load_rgb, load_wildcards, make_batches, move_model, plan_requests, resolve_device,
-    save_request_png,
+    DTYPES, SEED_RANGE, AttachedNetworks, GenerationConfig, ImageProgress, ImageRequest, NetworkSpec, check_common,
+    controlnet_images, initial_noise, list_images, load_rgb, load_wildcards, make_batches, move_model, plan_requests,
+    resolve_device, save_request_png,
 )
 
 logger = logging.getLogger(__name__)

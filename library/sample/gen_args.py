@@ -8,9 +8,9 @@ import argparse
 from typing import Sequence
 
 from library.errors import UserError
-from library.sample.controlnets import ControlNetSpec, specs_from_flags
 from library.prompts.language import PromptSyntaxError, parse_prompt_line, parse_template, read_prompt_file
 from library.prompts.samplers import SAMPLER_NAMES
+from library.sample.controlnets import ControlNetSpec, specs_from_flags
 from library.sample.generation import GenerationConfig, LLLiteSpec, NetworkSpec
 
 DEFAULT_NETWORK_MODULE = "networks.lora"
