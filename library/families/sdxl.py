@@ -104,8 +104,9 @@ class SDXLFamily(ModelFamily):
 
         te1, te2 = models["text_encoders"]
         tok1, tok2 = models["tokenizers"]
+        scheduler = make_scheduler(sampler or DEFAULT_SAMPLER)
         pipe = StableDiffusionXLPipeline(vae=models["vae"], text_encoder=te1, text_encoder_2=te2, tokenizer=tok1,
-                                         tokenizer_2=tok2, unet=models["unet"], scheduler=make_scheduler(sampler or DEFAULT_SAMPLER))
+                                         tokenizer_2=tok2, unet=models["unet"], scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
