@@ -16,7 +16,6 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-
 # Temp names are `.<target name>.tmp-<pid>-<random><suffix>`: the marker and the pid make our own leftovers
 # recognisable (and the pid tells whose they were), so a cleanup never touches a user's dot-file.
 TEMP_MARKER = ".tmp-"

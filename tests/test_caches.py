@@ -13,7 +13,12 @@ from PIL import Image
 import library.data.dataset as dataset_module
 from library.cache import storage
 from library.cache.latents import LatentCache, latent_cache_path
-from library.cache.storage import CacheCorrupt, load_tensors, read_metadata, save_tensors_atomic
+from library.cache.storage import (
+    CacheCorrupt,
+    load_tensors,
+    read_metadata,
+    save_tensors_atomic,
+)
 from library.cache.text_outputs import TextOutputCache, check_compatible
 from library.data.dataset import TrainDataset
 from library.data.types import DatasetConfig, ImageRecord, SubsetConfig
@@ -455,7 +460,12 @@ def test_text_cache_checked_on_every_read(tmp_path, caplog):
 
 
 def test_identities_see_every_weight_and_the_tokenizer():
-    from library.cache.provenance import text_identity, tokenizer_digest, vae_identity, weights_digest
+    from library.cache.provenance import (
+        text_identity,
+        tokenizer_digest,
+        vae_identity,
+        weights_digest,
+    )
 
     torch.manual_seed(0)
     a = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(7)])
@@ -495,6 +505,7 @@ def test_shared_latent_cache_with_another_vae_has_no_cross_talk(tmp_path, tiny_s
     import time
 
     from conftest import build_shapes_dataset, run_script
+
     from library.families.interface import module_fingerprint
     from library.models.tiny import build_tiny_sdxl
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_script, write_toml
 from PIL import Image
 
-from conftest import run_script, write_toml
 from library.cache.latents import EXTERNAL_CACHE_DIR, LatentCache, latent_cache_path
 from library.config.dataset_schema import load_dataset_config
 from library.data.dataset import TrainDataset

@@ -23,13 +23,19 @@ import hashlib
 import logging
 import os
 from collections import Counter, defaultdict
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from tqdm import tqdm
 
 from library.cache.provenance import source_digest
-from library.cache.storage import CacheCorrupt, load_tensors, read_metadata, save_tensors_atomic
+from library.cache.storage import (
+    CacheCorrupt,
+    load_tensors,
+    read_metadata,
+    save_tensors_atomic,
+)
 from library.data.dataset import DatasetItem, TrainDataset
 from library.data.images import choose_crop
 from library.errors import ConfigError, UserError

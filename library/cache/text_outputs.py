@@ -13,12 +13,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from typing import Callable, Iterable, Literal
+from collections.abc import Callable, Iterable
+from typing import Literal
 
 import torch
 from tqdm import tqdm
 
-from library.cache.storage import CacheCorrupt, load_tensors, read_metadata, save_tensors_atomic
+from library.cache.storage import (
+    CacheCorrupt,
+    load_tensors,
+    read_metadata,
+    save_tensors_atomic,
+)
 from library.data.captions import caption_ops_active
 from library.data.types import SubsetConfig
 from library.errors import ConfigError
