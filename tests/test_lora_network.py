@@ -455,3 +455,143 @@ def test_torch_pickle_files_load_too(models, tmp_path):
     net2.load_weights(str(path), strict=True)
     for k, v in net.state_dict().items():
         assert torch.equal(v, net2.state_dict()[k])
+
+
+# ---------------------------------------------------------------------------------------------- kinds and protocol
+
+
+def test_network_kinds_registry_builds_modules_of_the_kind(models):
+    from library.errors import UserError
+    from networks.kinds import NetworkKind, get_network_kind, network_kinds, register_network_kind
+
+    lora_kind = get_network_kind("lora")
+    assert lora_kind.module_class is LoRAModule and "lora" in network_kinds()
+    with pytest.raises(UserError, match="unknown network kind 'nope'"):
+        get_network_kind("nope")
+
+    class HalfLoRA(LoRAModule):  # a new kind: its own layer module, the LoRA file layout
+        pass
+
+    kind = register_network_kind(NetworkKind("half_lora_test", HalfLoRA, lora_kind.read_shapes, lora_kind.tensor_keys))
+    te1, te2, unet = models
+    network = lora_mod.LoRANetwork([te1, te2], unet, lora_dim=2, kind="half_lora_test")
+    assert network.loras and all(type(m) is HalfLoRA for m in network.loras)
+    assert kind.matches(network.state_dict())
+
+
+FAKE_NETWORK_MODULE = '''
+"""A third-party kohya network module for the tests: one trainable gain on one layer, found by its SGM name."""
+import json
+import os
+
+import safetensors.torch
+import torch
+
+TARGET = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+
+
+def _log(call, **kw):
+    with open(os.environ["FAKE_NET_LOG"], "a") as f:
+        f.write(json.dumps({"call": call, **kw}) + "\\n")
+
+
+class Net(torch.nn.Module):
+    def __init__(self, text_encoder, unet):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.zeros(()))
+        self._layer = [unet.get_submodule(TARGET)]  # sd-scripts' name: the module sees the SGM view
+        _log("create", unet=type(unet).__name__, te=[n for n, _ in text_encoder[0].named_modules()][1])
+
+    def apply_to(self, text_encoder, unet, apply_text_encoder=True, apply_unet=True):
+        layer = self._layer[0]
+        org = layer.forward
+        layer.forward = lambda x: org(x) * (1.0 + self.gain)
+        _log("apply_to", te=apply_text_encoder, unet=apply_unet)
+
+    def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr):
+        return [{"params": (p for p in [self.gain]), "lr": unet_lr or default_lr}]
+
+    def save_weights(self, file, dtype, metadata):
+        safetensors.torch.save_file({"gain": self.gain.detach().clone()}, file, metadata)
+
+    def load_weights(self, file):
+        return "nothing"
+
+    def enable_gradient_checkpointing(self):
+        _log("enable_gradient_checkpointing")
+
+    def prepare_grad_etc(self, text_encoder, unet):
+        _log("prepare_grad_etc")
+        self.requires_grad_(True)
+
+    def on_epoch_start(self, text_encoder, unet):
+        _log("on_epoch_start")
+        self.train()
+
+    def on_step_start(self, text_encoder, unet):
+        _log("on_step_start")
+
+    def get_trainable_params(self):
+        return self.parameters()
+
+
+def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet, **kwargs):
+    _log("create_network", dropout=kwargs.get("dropout"), neuron_dropout=kwargs.get("neuron_dropout"))
+    return Net(text_encoder, unet)
+
+
+def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None, for_inference=False,
+                                **kwargs):
+    return Net(text_encoder, unet), {}
+'''
+
+
+def test_third_party_module_is_driven_through_the_protocol_on_the_sd_scripts_view(tmp_path, tiny_sdxl_file,
+                                                                                  shapes_dataset):
+    from conftest import run_script
+
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "fake_net.py").write_text(FAKE_NETWORK_MODULE, encoding="utf-8")
+    log = tmp_path / "calls.jsonl"
+    env = {"PYTHONPATH": str(tmp_path / "mods"), "FAKE_NET_LOG": str(log)}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        r = run_script("sdxl_train_network.py", "--pretrained_model_name_or_path", tiny_sdxl_file,
+                       "--dataset_config", shapes_dataset["config"], "--output_dir", str(tmp_path / "out"),
+                       "--output_name", "fake", "--network_module", "fake_net", "--network_dim", "4",
+                       "--learning_rate", "0.1", "--max_train_steps", "2", "--gradient_checkpointing",
+                       "--network_train_unet_only")
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert r.returncode == 0, r.stderr[-3000:]
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    names = [c["call"] for c in calls]
+    create = next(c for c in calls if c["call"] == "create")
+    assert create["unet"] == "SdxlUNet2DConditionModel" and create["te"] == "text_model"
+    assert names.index("apply_to") < names.index("prepare_grad_etc") < names.index("on_epoch_start")
+    assert {"call": "apply_to", "te": False, "unet": True} in calls
+    assert "enable_gradient_checkpointing" in names
+    assert names.count("on_step_start") == 2  # 2 steps of one batch each
+    saved = safetensors.torch.load_file(str(tmp_path / "out" / "fake.safetensors"))
+    assert float(saved["gain"]) != 0.0  # the gradient reached it through the hook on our real layer
+
+
+def test_continuing_without_network_dim_takes_the_shape_from_the_module(tmp_path, tiny_sdxl_file, shapes_dataset):
+    from conftest import run_script
+
+    def train(name: str, *extra: str) -> dict:
+        r = run_script("sdxl_train_network.py", "--pretrained_model_name_or_path", tiny_sdxl_file,
+                       "--dataset_config", shapes_dataset["config"], "--output_dir", str(tmp_path / name),
+                       "--output_name", "lora", "--max_train_steps", "1", "--network_train_unet_only", *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return safetensors.torch.load_file(str(tmp_path / name / "lora.safetensors"))
+
+    first = train("first", "--network_dim", "3", "--network_args", "conv_dim=2")
+    second = train("second", "--network_weights", str(tmp_path / "first" / "lora.safetensors"))
+    assert second.keys() == first.keys()
+    assert all(second[k].shape == first[k].shape for k in first)  # ranks 3 and 2 (conv) from the file

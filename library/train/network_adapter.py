@@ -160,10 +160,19 @@ class LLLiteNetwork(TrainNetwork):
         self.module.set_cond_image(None)
 
 
-NETWORK_KINDS = {"lora": KohyaNetwork, "lllite": LLLiteNetwork}
+_TRAIN_NETWORKS: dict[str, type[TrainNetwork]] = {}
+
+
+def register_train_network(kind: str, cls: type[TrainNetwork]) -> None:
+    """A trainable network kind the scripts can ask for (`RunConfig.network_kind`)."""
+    _TRAIN_NETWORKS[kind] = cls
+
+
+register_train_network("lora", KohyaNetwork)  # any kohya network module (--network_module)
+register_train_network("lllite", LLLiteNetwork)
 
 
 def build_network(kind: str, models: dict[str, Any], cfg: RunConfig, denoiser_key: str) -> TrainNetwork:
-    if kind not in NETWORK_KINDS:
-        raise UserError(f"unknown network kind {kind!r}; known: {sorted(NETWORK_KINDS)}")
-    return NETWORK_KINDS[kind](models, cfg, denoiser_key)
+    if kind not in _TRAIN_NETWORKS:
+        raise UserError(f"unknown network kind {kind!r}; known: {sorted(_TRAIN_NETWORKS)}")
+    return _TRAIN_NETWORKS[kind](models, cfg, denoiser_key)
