@@ -595,3 +595,22 @@ def test_continuing_without_network_dim_takes_the_shape_from_the_module(tmp_path
     second = train("second", "--network_weights", str(tmp_path / "first" / "lora.safetensors"))
     assert second.keys() == first.keys()
     assert all(second[k].shape == first[k].shape for k in first)  # ranks 3 and 2 (conv) from the file
+
+
+def test_scale_weight_norms_caps_every_module_after_each_step(tmp_path, tiny_sdxl_file, shapes_dataset):
+    from conftest import run_script
+
+    r = run_script("sdxl_train_network.py", "--pretrained_model_name_or_path", tiny_sdxl_file,
+                   "--dataset_config", shapes_dataset["config"], "--output_dir", str(tmp_path / "out"),
+                   "--output_name", "lora", "--network_dim", "4", "--network_alpha", "4", "--learning_rate", "0.05",
+                   "--max_train_steps", "2", "--network_train_unet_only", "--scale_weight_norms", "0.01")
+    assert r.returncode == 0, r.stderr[-3000:]
+    sd = safetensors.torch.load_file(str(tmp_path / "out" / "lora.safetensors"))
+    norms = []
+    for key in sd:
+        if key.endswith(".lora_down.weight"):
+            name = key[:-len(".lora_down.weight")]
+            down, up = sd[key].flatten(1), sd[f"{name}.lora_up.weight"].flatten(1)
+            norms.append(float((up @ down).norm() * sd[f"{name}.alpha"] / down.shape[0]))
+    assert norms and max(norms) <= 0.01 * 1.001
+    assert max(norms) > 0.005  # it trained (lr 0.05 would go far past the cap)

@@ -26,5 +26,7 @@ class NetworkConfig:
     text_encoder_lr: list[float] | None = flag(None, "learning rate of the text-encoder part: one value, or one per "
                                                      "text encoder (default: --learning_rate)")
     training_comment: str | None = flag(None, "comment stored in the network file's metadata")
+    scale_weight_norms: float | None = flag(None, "after each optimizer step, scale down every network module whose "
+                                                  "update norm exceeds this (max-norm regularization; 1 is common)")
     # ControlNet-LLLite only
     cond_emb_dim: int | None = flag(None, "ControlNet-LLLite: width of the conditioning-image embedding (unset: 32)")
