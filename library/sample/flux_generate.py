@@ -19,7 +19,6 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Sequence
 
 import torch
@@ -214,15 +213,13 @@ class FluxGenerator:
             move_model(model, device, self.dtype)
         place_transformer(models.transformer, device, self.dtype, config.flux.blocks_to_swap)
         self.models = models
-        # AttachedNetworks speaks SDXL's names: the transformer is the "unet", CLIP-L and T5 the two encoders
-        view = SimpleNamespace(vae=models.ae, unet=models.transformer, text_encoder1=models.clip_l,
-                               text_encoder2=models.t5)
         # fp8 layers must exist before networks hook in (LoRA keeps the layer's forward), but merging needs the
         # full-precision weights: merge first, then fp8
         merge_first = config.common.network_merge
         if not merge_first:
             self._apply_low_vram()
-        self.networks = AttachedNetworks(view, config.common, device, self.dtype)
+        self.networks = AttachedNetworks(models.ae, [models.clip_l, models.t5], models.transformer, config.common,
+                                         device, self.dtype)
         if merge_first:
             self._apply_low_vram()
         self.family_models = {"vae": models.ae, "transformer": models.transformer,

@@ -284,30 +284,26 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class AttachedNetworks:
-    """The LoRA-like networks and LLLite models hooked into (or merged into) one model set."""
+    """The LoRA-like networks and LLLite models hooked into (or merged into) one family's models: the denoiser
+    (U-Net or transformer), the text encoders in the family's order, and the VAE."""
 
-    def __init__(self, models: Any, config: GenerationConfig, device: torch.device, dtype: torch.dtype):
+    def __init__(self, vae: torch.nn.Module, text_encoders: list[torch.nn.Module], denoiser: torch.nn.Module,
+                 config: GenerationConfig, device: torch.device, dtype: torch.dtype):
         self.networks: list[Any] = []
         self.default_muls = [spec.multiplier for spec in config.networks]
-        text_encoders = [models.text_encoder1, models.text_encoder2]
         for spec in config.networks:
-            self._add_network(spec, models, text_encoders, config.network_merge, device, dtype)
+            network = attach_network_file(spec.module, spec.weights, spec.multiplier, vae, text_encoders, denoiser,
+                                          config.network_merge, device, dtype)
+            if network is not None:  # None: merged into the weights
+                self.networks.append(network)
         from networks import control_net_lllite
 
         self.lllites = []
         for spec in config.lllite:
-            lllite = control_net_lllite.create_network_from_weights(models.unet, spec.weights, spec.multiplier)
+            lllite = control_net_lllite.create_network_from_weights(denoiser, spec.weights, spec.multiplier)
             lllite.to(device, dtype).eval()
             lllite.apply_to()
             self.lllites.append(lllite)
-
-    def _add_network(self, spec: NetworkSpec, models: Any, text_encoders: list, merge: bool,
-                     device: torch.device, dtype: torch.dtype) -> None:
-        network = attach_network_file(spec.module, spec.weights, spec.multiplier, models.vae, text_encoders,
-                                      models.unet, merge, device, dtype)
-        if network is None:  # merged into the weights
-            return
-        self.networks.append(network)
 
     def set_multipliers(self, muls: Sequence[float] | None) -> None:
         """Per-prompt --am multipliers (missing ones fall back to --network_mul)."""

@@ -62,7 +62,8 @@ class SDXLGenerator:
             move_model(model, device, self.dtype)
         move_model(models.vae, device, self.vae_dtype)
         self.models = models
-        self.networks = AttachedNetworks(models, config, device, self.dtype)
+        self.networks = AttachedNetworks(models.vae, [models.text_encoder1, models.text_encoder2], models.unet, config,
+                                         device, self.dtype)
         family_models = {"vae": models.vae, "unet": models.unet,
                          "text_encoders": [models.text_encoder1, models.text_encoder2],
                          "tokenizers": [models.tokenizer1, models.tokenizer2]}
