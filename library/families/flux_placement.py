@@ -1,5 +1,6 @@
 """Where a FLUX transformer's weights live: --fp8_base (fp8 storage, upcast per layer) and --blocks_to_swap (blocks
-kept on the CPU, each moved to the GPU while it runs), for training and generation alike.
+kept in host memory, each copied to the GPU ahead of when it runs), for training and generation alike: the
+generator's transformer calls go through the same hooks as the trainer's.
 
 The generic machinery (Fp8Linear, BlockSwapper, place_module) is in library/models/lowvram.py; this module holds the
 FLUX policy on top of it: which flags are valid where, and the order fp8 -> swap on a placed transformer.
@@ -13,7 +14,8 @@ import torch
 
 from library.config.flux_config import FluxConfig
 from library.errors import UserError
-from library.models.lowvram import BlockSwapper, apply_fp8_linear, place_module, swapped_blocks
+from library.models.lowvram import (DEFAULT_SWAP_PREFETCH, BlockSwapper, apply_fp8_linear, place_module,
+                                    swapped_blocks)
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +61,13 @@ def apply_low_vram(transformer: torch.nn.Module, fcfg: FluxConfig, device: torch
     if gradient_checkpointing is False:
         raise UserError("--blocks_to_swap in training needs --gradient_checkpointing: the backward pass re-runs each "
                         "swapped block's forward to bring it back to the GPU")
-    swapper = BlockSwapper.attach(transformer, fcfg.blocks_to_swap, device)
-    logger.info("--blocks_to_swap: %d of %d blocks kept on the CPU", len(swapper.blocks),
-                len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks))
+    # a --swap_prefetch flag, once FluxConfig has one, sets how many blocks are copied ahead of the running one
+    prefetch = getattr(fcfg, "swap_prefetch", None)
+    swapper = BlockSwapper.attach(transformer, fcfg.blocks_to_swap, device,
+                                  prefetch=DEFAULT_SWAP_PREFETCH if prefetch is None else prefetch)
+    logger.info("--blocks_to_swap: %d of %d blocks kept in %s host memory, %d copied ahead of the running one "
+                "(%d device slots of %.0f MiB)", len(swapper.blocks),
+                len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks),
+                "pinned" if swapper.device.type == "cuda" else "CPU", swapper.prefetch, swapper.plan.n_slots,
+                swapper.slot_bytes / 2**20)
     return swapper

@@ -7,12 +7,27 @@ swapped for a subclass), so LoRA finds it by type; LoRA's `apply_to` saves the l
 be applied BEFORE networks are attached (an instance-level forward, i.e. an attached network, is refused). Merging a
 LoRA into an fp8 layer is not supported: merge first, then apply fp8.
 
-Block swapping (`--blocks_to_swap N`): the last N blocks live on the offload device (the CPU); a forward pre-hook
-moves a block onto the compute device just before it runs and a forward post-hook moves it back afterwards. In
-training the swapped blocks must run under gradient checkpointing: the backward pass then re-runs each block's
-forward (which moves it in again) right before that block's backward. During such a recompute the block is kept
-resident, and evicted when the next block is brought in, so at most two swapped blocks sit on the device at once.
-Moves use `Module.to`, which swaps each parameter's `.data`: tensors autograd saved keep following the parameter.
+Block swapping (`--blocks_to_swap N`): the last N blocks keep their weights on the host, in one pinned buffer per
+block (pinned only where the device is a CUDA GPU: pinned memory is what lets a copy run asynchronously, by DMA).
+The device holds `prefetch + 1` slots, each a flat byte buffer as large as the largest swapped block. Right before a
+swapped block runs, a forward pre-hook asks the schedule (`library.models.swap_schedule.SwapPlan`) which blocks must
+be in the slots: the block itself and the next `prefetch` blocks expected to run (in forward order, and in the
+backward, which re-runs the blocks last to first under gradient checkpointing, in reverse order). Blocks no longer
+wanted are evicted: their parameters point back at their host views (the weights are frozen, so nothing is copied
+back), and an event on the compute stream marks when the slot may be overwritten. Wanted blocks not resident are
+copied, as raw bytes (so fp8 weights travel as fp8), into a free slot on a side stream that first waits for that
+event; the compute stream waits for the copy's event only when the block is about to run. So block k+1's copy
+overlaps block k's compute, with no host synchronisation anywhere.
+
+Why fixed slots and `param.data` swaps rather than `Module.to(non_blocking=True)`: memory that `.to` allocates on
+the side stream and frees after use goes back to the caching allocator's pool for that stream, and a later copy may
+reuse it while the compute stream still reads it (unless every tensor is `record_stream`-ed); slots are never freed
+while swapping, so the only hazard left is overwriting a slot, which the event above orders. Fixed slots also make the
+device memory of swapping exactly `(prefetch + 1) x` the largest swapped block, whatever the schedule does, and one
+block moves as a single copy. Swapping `.data` keeps each `nn.Parameter` object: autograd saves the parameter, so a
+block's backward reads the slot it was recomputed from. In the backward a block stays in its slot until the next
+block's recompute starts, which the autograd engine reaches only after the block's backward has been given to the
+stream; its slot is then reused only after the event recorded at that moment.
 """
 from __future__ import annotations
 
@@ -25,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from library.errors import UserError
+from library.models.swap_schedule import CudaStreams, Evict, Fetch, InlineStreams, Phase, SwapPlan, SwapStreams
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
@@ -153,77 +169,180 @@ def place_module(module: nn.Module, device: torch.device, dtype: torch.dtype | N
     visit(module)
 
 
+#: blocks fetched ahead of the one running, by default: one block's copy overlaps the previous block's compute
+DEFAULT_SWAP_PREFETCH = 1
+_ALIGN = 256  # bytes: every tensor in a slot starts on a boundary any dtype (and the CUDA copy engine) is happy with
+
+
+@dataclass
+class _Entry:
+    """One parameter or buffer of a swapped block, and where its bytes sit in the block's flat layout."""
+
+    module: nn.Module
+    name: str
+    is_param: bool
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: torch.Size
+    host: torch.Tensor  # a view into the block's flat host buffer
+
+
+@dataclass
+class _BlockStore:
+    host: torch.Tensor  # flat uint8, pinned where the device is a CUDA GPU
+    entries: list[_Entry]
+
+    def point_at(self, flat: torch.Tensor | None) -> None:
+        """Make the block's parameters and buffers views into `flat` (a device slot), or into the host buffer."""
+        for e in self.entries:
+            t = e.host if flat is None else flat[e.offset:e.offset + e.nbytes].view(e.dtype).view(e.shape)
+            if e.is_param:
+                e.module._parameters[e.name].data = t
+            else:
+                e.module._buffers[e.name] = t
+
+
+def _tensors(block: nn.Module) -> list[tuple[nn.Module, str, bool, torch.Tensor]]:
+    out = []
+    for module in block.modules():
+        out += [(module, n, True, p) for n, p in module._parameters.items() if p is not None]
+        out += [(module, n, False, b) for n, b in module._buffers.items() if b is not None]
+    return out
+
+
+def _store(block: nn.Module, pin: bool) -> _BlockStore:
+    """Copy the block's weights into one flat host buffer (pinned when `pin`) and point the block at it."""
+    items, offset, layout = _tensors(block), 0, []
+    for item in items:
+        t = item[3]
+        layout.append(offset)
+        offset += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+    host = torch.empty(max(offset, _ALIGN), dtype=torch.uint8, pin_memory=pin)
+    entries = []
+    for (module, name, is_param, t), off in zip(items, layout, strict=True):
+        nbytes = t.numel() * t.element_size()
+        view = host[off:off + nbytes].view(t.dtype).view(t.shape)
+        with torch.no_grad():
+            view.copy_(t.detach())
+        entries.append(_Entry(module, name, is_param, off, nbytes, t.dtype, t.shape, view))
+    store = _BlockStore(host, entries)
+    store.point_at(None)
+    return store
+
+
+def _phase() -> Phase:
+    if _in_backward():
+        return "backward"
+    return "forward" if torch.is_grad_enabled() else "inference"
+
+
 @dataclass
 class BlockSwapper:
-    """Keeps `blocks` on `offload_device` and brings each onto `device` only while it runs (see the module doc)."""
+    """Keeps `blocks`' weights on the host and streams them through `prefetch + 1` device slots (module doc)."""
 
     blocks: list[nn.Module]
     device: torch.device
     offload_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    #: ("in" | "out", block index) per move, in order: for tests and for debugging
+    prefetch: int = DEFAULT_SWAP_PREFETCH
+    streams: SwapStreams | None = None
+    #: ("in" | "out", block index) per fetch / eviction, in order: for tests and for debugging
     events: list[tuple[str, int]] = field(default_factory=list)
     record: bool = False
-    _resident: list[int] = field(default_factory=list)
+    plan: SwapPlan = field(init=False)
+    _stores: list[_BlockStore] = field(default_factory=list)
+    _slots: list[torch.Tensor] = field(default_factory=list)
+    _slot_free: list = field(default_factory=list)  # per slot: compute event after its last occupant's use
+    _ready: dict = field(default_factory=dict)  # block -> event of its copy, until the compute stream waited on it
     _handles: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.plan = SwapPlan(len(self.blocks), self.prefetch)
+        self.prefetch = self.plan.prefetch
+        if self.streams is None:
+            self.streams = CudaStreams(self.device) if self.device.type == "cuda" else InlineStreams()
 
     @classmethod
     def attach(cls, model: nn.Module, n_blocks: int, device: torch.device | str,
                offload_device: torch.device | str = "cpu", block_lists: Iterable[str] = FLUX_BLOCK_LISTS,
-               record: bool = False) -> "BlockSwapper":
-        """Swap the last `n_blocks` blocks of `model` (in run order): move them to `offload_device` now and hook
-        them so that each visits `device` only while it runs."""
-        swapper = cls(blocks=swapped_blocks(model, n_blocks, block_lists), device=torch.device(device),
-                      offload_device=torch.device(offload_device), record=record)
+               record: bool = False, prefetch: int = DEFAULT_SWAP_PREFETCH,
+               streams: SwapStreams | None = None) -> "BlockSwapper":
+        """Swap the last `n_blocks` blocks of `model` (in run order): put their weights in host buffers now,
+        allocate the device slots, and hook the blocks so that each is in a slot when it runs. `prefetch`: how many
+        blocks are copied ahead of the running one; `streams`: injectable for tests (default: CUDA streams on a
+        GPU, inline copies on the CPU)."""
+        device = torch.device(device)
+        if torch.device(offload_device).type != "cpu":
+            raise UserError(f"--blocks_to_swap keeps blocks in host memory, not on {offload_device}")
+        swapper = cls(blocks=swapped_blocks(model, n_blocks, block_lists), device=device,
+                      offload_device=torch.device(offload_device), record=record, prefetch=prefetch, streams=streams)
+        pin = device.type == "cuda" and torch.cuda.is_available()
+        swapper._stores = [_store(block, pin) for block in swapper.blocks]
+        size = max(s.host.numel() for s in swapper._stores)
+        # filled with 0xFF (NaN in every float dtype) so that a block run from a slot never copied into shows
+        swapper._slots = [torch.full((size,), 255, dtype=torch.uint8, device=device)
+                          for _ in range(swapper.plan.n_slots)]
+        swapper._slot_free = [None] * swapper.plan.n_slots
         for i, block in enumerate(swapper.blocks):
-            block.to(swapper.offload_device)
             swapper._handles.append(block.register_forward_pre_hook(swapper._pre_hook(i)))
-            swapper._handles.append(block.register_forward_hook(swapper._post_hook(i)))
         return swapper
 
+    @property
+    def slot_bytes(self) -> int:
+        """Device memory of one slot: the largest swapped block, with each tensor aligned."""
+        return self._slots[0].numel() if self._slots else 0
+
+    @property
+    def _resident(self) -> list[int]:
+        return list(self.plan.slot_of)
+
     def detach(self) -> None:
-        """Remove the hooks and bring every swapped block back to the compute device."""
+        """Remove the hooks and give every swapped block its own device copy again (the slots are released)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for i in list(range(len(self.blocks))):
-            self._move_in(i)
-        self._resident.clear()
+        self.offload_all()
+        self.streams.drain()
+        for store in self._stores:
+            for e in store.entries:
+                t = e.host.to(self.device, copy=True)
+                if e.is_param:
+                    e.module._parameters[e.name].data = t
+                else:
+                    e.module._buffers[e.name] = t
+        self._stores, self._slots, self._slot_free, self._ready = [], [], [], {}
 
     # --- moves ----------------------------------------------------------------------------------------------
-    def _move_in(self, i: int) -> None:
-        self.blocks[i].to(self.device)
-        if self.record:
-            self.events.append(("in", i))
-
-    def _move_out(self, i: int) -> None:
-        self.blocks[i].to(self.offload_device)
-        if self.record:
-            self.events.append(("out", i))
+    def _apply(self, moves: list[Fetch | Evict]) -> None:
+        for move in moves:
+            store = self._stores[move.block]
+            if isinstance(move, Evict):
+                self._slot_free[move.slot] = self.streams.compute_event()
+                self._ready.pop(move.block, None)
+                store.point_at(None)
+                if self.record:
+                    self.events.append(("out", move.block))
+            else:
+                slot = self._slots[move.slot]
+                size = store.host.numel()
+                self._ready[move.block] = self.streams.copy(self._slot_free[move.slot],
+                                                            [(slot[:size], store.host)], (move.block, move.slot))
+                store.point_at(slot)
+                if self.record:
+                    self.events.append(("in", move.block))
 
     def _pre_hook(self, i: int):
         def hook(module: nn.Module, args):
-            for other in [j for j in self._resident if j != i]:  # done with it: a recompute left it resident
-                self._move_out(other)
-                self._resident.remove(other)
-            if i not in self._resident:
-                self._move_in(i)
-                self._resident.append(i)
-        return hook
-
-    def _post_hook(self, i: int):
-        def hook(module: nn.Module, args, output):
-            # a checkpoint recompute runs inside backward, and the block's backward still needs its weights
-            if not _in_backward() and i in self._resident:
-                self._move_out(i)
-                self._resident.remove(i)
+            self._apply(self.plan.before(i, _phase()))
+            event = self._ready.pop(i, None)
+            if event is not None:
+                self.streams.wait(event)
         return hook
 
     def offload_all(self) -> None:
-        """Send any block left resident (the last one recomputed in a backward) back to the offload device."""
-        for i in list(self._resident):
-            self._move_out(i)
-        self._resident.clear()
+        """Evict every resident block (its weights point at the host again; nothing is copied)."""
+        self._apply(self.plan.release_all())
 
 
-__all__ = ["BlockSwapper", "FLUX_BLOCK_LISTS", "FLUX_FP8_INCLUDE", "Fp8Linear", "apply_fp8_linear",
+__all__ = ["BlockSwapper", "DEFAULT_SWAP_PREFETCH", "FLUX_BLOCK_LISTS", "FLUX_FP8_INCLUDE", "Fp8Linear", "apply_fp8_linear",
            "linear_weight_bytes", "model_blocks", "place_module", "swapped_blocks"]
