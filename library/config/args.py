@@ -12,7 +12,7 @@ from library.config.cache_flags import CacheConfig
 from library.config.dataset_flags import DatasetFlags
 from library.config.environment_flags import EnvironmentConfig
 from library.config.flags import add_flag_group, flag_fields
-from library.config.log_flags import LogConfig
+from library.config.log_flags import ConsoleLogConfig, LogConfig
 from library.config.model_flags import ModelConfig
 from library.config.network_flags import LLLITE_ONLY, NetworkConfig
 from library.config.optimizer_flags import OptimizerConfig
@@ -24,8 +24,8 @@ from library.config.validation_flags import ValidationConfig
 
 # The groups every trainer has, in --help order.
 SHARED_GROUPS: tuple[type, ...] = (ConfigFileFlags, ModelConfig, DatasetFlags, CacheConfig, TrainingConfig,
-                                   OptimizerConfig, SaveConfig, LogConfig, SampleConfig, ValidationConfig,
-                                   EnvironmentConfig)
+                                   OptimizerConfig, SaveConfig, LogConfig, ConsoleLogConfig, SampleConfig,
+                                   ValidationConfig, EnvironmentConfig)
 
 
 def new_parser(description: str | None) -> argparse.ArgumentParser:

@@ -15,3 +15,27 @@ class LogConfig:
                                 type=str)
     log_prefix: str | None = flag(None, "prefix of the run folder name under --logging_dir")
     loss_log_file: str | None = flag(None, "write per-step losses as JSON lines (used by regression tests)")
+
+
+@dataclass
+class ConsoleLogConfig:
+    """console log"""
+
+    console_log_level: str | None = flag(None, "log level of the console (and of --console_log_file); default: "
+                                               "warnings and errors only", type=str,
+                                         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+    console_log_file: str | None = flag(None, "also write the log to this file")
+    console_log_simple: bool = flag(False, "plain log lines (they are always plain here: no rich formatting)")
+
+
+def setup_console_logging(level: str | None, file: str | None) -> None:
+    """sd-scripts' console-log flags: the root logger's level, and a file that receives the same lines."""
+    import logging
+
+    if level is None and file is None:
+        return  # Python's default: warnings and errors on stderr
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if file:
+        handlers.append(logging.FileHandler(file, encoding="utf-8"))
+    logging.basicConfig(level=getattr(logging, level or "WARNING"), format="%(levelname)s %(name)s: %(message)s",
+                        handlers=handlers, force=True)

@@ -6,6 +6,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from library.config.args import build_train_parser
 from library.config.environment_flags import environment_warnings, warn_once
+from library.config.log_flags import setup_console_logging
 from library.config.run_config import parse_args_with_config, write_run_config
 from library.config.train_config import ModelConfig, run_config_from_namespace
 from library.errors import UserError
@@ -33,6 +34,7 @@ def train_from_argv(argv: Sequence[str] | None, *, family: str, network_kind: st
         write_run_config(args, args.config_file)
         print(f"wrote {args.config_file}")
         return 0
+    setup_console_logging(args.console_log_level, args.console_log_file)
     for name, value in (unset_values or {}).items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
