@@ -141,20 +141,23 @@ def test_output_name_must_stay_in_output_dir(tmp_path, tiny_sdxl_file, shapes_da
 # ------------------------------------------------------------------------------------------ saved after step 1
 
 
-def first_batch_paths(dataset_config: str, seed: int) -> set[str]:
-    """The images of the first batch of epoch 0, found by the code the trainer uses to order them."""
+def first_batch_paths(dataset_config: str, seed: int, processes: int = 1) -> set[str]:
+    """The images of the first (global) batch of epoch 0, found by the code the trainer uses to order them."""
+    from dataclasses import replace
+
     from library.config.dataset_schema import load_dataset_config
     from library.data.dataset import TrainDataset
     from library.data.sources import collect_records
     from library.train.epoch_plan import plan_epoch
 
     group = load_dataset_config(dataset_config)
-    datasets = [TrainDataset(d, collect_records(d, group.source), seed) for d in group.datasets]
+    datasets = [TrainDataset(replace(d, batch_size=d.batch_size * processes), collect_records(d, group.source), seed)
+                for d in group.datasets]
     first = plan_epoch(datasets, 0, seed)[0]
     return {datasets[first.dataset_index].items[i].record.path for i in first.item_indices}
 
 
-def cut_a_jpeg_after_the_first_batch(dataset: dict, seed: int) -> tuple[Path, bytes]:
+def cut_a_jpeg_after_the_first_batch(dataset: dict, seed: int, processes: int = 1) -> tuple[Path, bytes]:
     """Turn one image that the first batch does not use into a JPEG cut short after its header: it opens and
     passes the header check, and fails only when its pixels are decoded, mid-epoch. Returns it and its good bytes."""
     for png in sorted(Path(dataset["image_dir"]).glob("*.png")):
@@ -163,7 +166,7 @@ def cut_a_jpeg_after_the_first_batch(dataset: dict, seed: int) -> tuple[Path, by
         jpg.write_bytes(cut_in_scan(good))
         png_data = png.read_bytes()
         png.unlink()
-        if str(jpg) not in first_batch_paths(dataset["config"], seed):
+        if str(jpg) not in first_batch_paths(dataset["config"], seed, processes):
             return jpg, good
         jpg.unlink()
         png.write_bytes(png_data)
@@ -296,3 +299,28 @@ def test_progress_bar_says_when_it_samples(monkeypatch):
     assert seen and seen[0].startswith("sampling"), seen
     assert bar.desc == "steps"
     bar.close()
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+                    reason="torchrun not installed")
+def test_error_on_one_of_two_processes_saves_the_network_without_hanging(tmp_path, tiny_sdxl_file, shapes_dataset):
+    """An image failing on one process only: no collective save (it could hang), the main process writes the
+    network alone, the run ends non-zero within the timeout."""
+    config = Path(shapes_dataset["config"])  # one image per process: a global batch of 2, two batches an epoch
+    config.write_text(config.read_text().replace("batch_size = 2", "batch_size = 1"), encoding="utf-8")
+    cut_a_jpeg_after_the_first_batch(shapes_dataset, seed=1, processes=2)
+    cfg = run_toml(tmp_path, tiny_sdxl_file, shapes_dataset["config"], max_train_steps=20,
+                   network_train_unet_only=True)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1")
+    r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29573", str(REPO / SCRIPT),
+                        "--config_file", cfg], cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode != 0
+    assert len(read_losses(tmp_path / "run_loss.jsonl")) >= 1, r.stderr[-4000:]
+    weights = tmp_path / "out" / "lora-interrupted.safetensors"
+    assert weights.is_file(), r.stderr[-4000:]
+    assert any(k.endswith("lora_down.weight") for k in load_file(str(weights)))
+    assert not (tmp_path / "out" / "lora-interrupted-state").exists()
+    assert "the state was not saved" in r.stderr, r.stderr[-4000:]
