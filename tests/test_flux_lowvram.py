@@ -1,7 +1,8 @@
 """--fp8_base and --blocks_to_swap (library/models/lowvram.py) on the CPU: fp8 numerics and memory, LoRA on fp8
 layers, the block swapper's hook order and its exactness under gradient checkpointing, and the scripts end to end
-with --fp8_base. Block swapping's device moves themselves need a GPU: here the compute and offload devices are both
-the CPU, so the tests check the schedule of moves and that swapping changes no number."""
+with --fp8_base. Block swapping's device copies themselves need a GPU: here the compute device is the CPU (the
+blocks still go through their host buffers and the slots), so the tests check the order of moves and that swapping
+changes no number; the schedule and the stream events are tested in tests/test_block_swap_schedule.py."""
 from __future__ import annotations
 
 import copy
@@ -114,29 +115,31 @@ def _step(tr, net) -> tuple[torch.Tensor, list[torch.Tensor]]:
 
 
 def test_block_swapper_is_exact_and_moves_blocks_in_order_under_checkpointing(tiny):
+    """The swapper's moves through the real hooks (the schedule and its streams: tests/test_block_swap_schedule.py).
+    Without prefetching a block comes in when it runs and leaves when another one needs the slot; the last forward
+    block stays for the backward, which re-runs the blocks last to first."""
     tr, net = _lora_model(tiny)
     want_out, want_grads = _step(tr, net)
 
-    swapper = BlockSwapper.attach(tr, 3, "cpu", record=True)  # double 1, single 0, single 1
+    swapper = BlockSwapper.attach(tr, 3, "cpu", record=True, prefetch=0)  # double 1, single 0, single 1
     assert swapper.blocks == [tr.transformer_blocks[1], *tr.single_transformer_blocks]
     seen = []
     for i, block in enumerate(swapper.blocks):  # registered after the swapper's: runs once the block is in
-        block.register_forward_pre_hook(lambda m, a, i=i: seen.append((i, i in swapper._resident)))
+        block.register_forward_pre_hook(lambda m, a, i=i: seen.append((i, swapper._resident == [i])))
     got_out, got_grads = _step(tr, net)
     assert torch.equal(got_out, want_out)
     for g, w in zip(got_grads, want_grads, strict=True):
         assert torch.equal(g, w)
-    assert all(resident for _, resident in seen)
-    forward = [("in", 0), ("out", 0), ("in", 1), ("out", 1), ("in", 2), ("out", 2)]
-    # backward re-runs the blocks last to first; each stays in for its backward and leaves when the next comes in
-    backward = [("in", 2), ("out", 2), ("in", 1), ("out", 1), ("in", 0)]
+    assert seen == [(0, True), (1, True), (2, True), (2, True), (1, True), (0, True)]
+    forward = [("in", 0), ("out", 0), ("in", 1), ("out", 1), ("in", 2)]
+    backward = [("out", 2), ("in", 1), ("out", 1), ("in", 0)]  # block 2's recompute found it in
     assert swapper.events == forward + backward
-    assert swapper._resident == [0]
+    assert swapper._resident == [0]  # the next step's first block
     swapper.offload_all()
     assert swapper.events[-1] == ("out", 0) and swapper._resident == []
 
     swapper.events.clear()
-    with torch.no_grad():  # inference: in, run, out, one block at a time
+    with torch.no_grad():  # inference: one block at a time, the last one left in for the next call
         tr.eval()
         tr(**_inputs(tr))
     assert swapper.events == forward
@@ -145,6 +148,23 @@ def test_block_swapper_is_exact_and_moves_blocks_in_order_under_checkpointing(ti
     with torch.no_grad():
         tr(**_inputs(tr))
     assert swapper.events == []
+
+
+def test_block_swapper_prefetches_one_block_by_default(tiny):
+    tr, net = _lora_model(tiny)
+    want_out, want_grads = _step(tr, net)
+    swapper = BlockSwapper.attach(tr, 3, "cpu", record=True)
+    assert swapper.prefetch == 1 and len(swapper._slots) == 2
+    for _ in range(2):
+        got_out, got_grads = _step(tr, net)
+        assert torch.equal(got_out, want_out)
+        assert all(torch.equal(g, w) for g, w in zip(got_grads, want_grads, strict=True))
+    # step 1: 0 and 1 before block 0 runs, 2 while 1 runs; the forward's last block and the one before it are the
+    # backward's first two; block 0 comes in while 1 is recomputed. Step 2 finds 0 and 1 in already.
+    step1 = [("in", 0), ("in", 1), ("out", 0), ("in", 2), ("out", 2), ("in", 0)]
+    step2 = [("out", 0), ("in", 2), ("out", 2), ("in", 0)]
+    assert swapper.events == step1 + step2
+    assert len(swapper._resident) == 2
 
 
 def test_block_swap_flags_are_checked(tiny):
