@@ -6,6 +6,9 @@ hook and LoRA. Per variant: GPU memory once the models are placed, the peak over
 checkpointing, and the mean step time over the last steps. Run on a GPU:
 
     python bench/bench_flux_swap_memory.py [--double 4 --single 8 --tokens 1024 --steps 4]
+
+bench/bench_flux_swap_speed.py reuses `run` with the issue #18 settings (1024 px, half the blocks swapped) and prints
+the step-time ratios.
 """
 from __future__ import annotations
 
