@@ -182,6 +182,16 @@ def test_toml_syntax_error_names_file_and_line(tmp_path):
     assert cfg in str(e.value) and "line 3" in str(e.value)
 
 
+def test_bom_is_accepted_and_bad_bytes_name_the_line(tmp_path, img_dir):
+    """Dataset TOMLs are read like run TOMLs (library/config/toml_read.py): a Windows editor's BOM is fine."""
+    body = f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = '{toml_path(img_dir)}'\n"
+    (tmp_path / "bom.toml").write_bytes(b"\xef\xbb\xbf" + body.encode())
+    assert load_dataset_config(str(tmp_path / "bom.toml")).datasets[0].resolution == (64, 64)
+    (tmp_path / "latin1.toml").write_bytes(body.encode() + b"class_tokens = 'caf\xe9'\n")
+    with pytest.raises(ConfigError, match=r"line 5: byte 0xe9 is not UTF-8"):
+        load_dataset_config(str(tmp_path / "latin1.toml"))
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_dataset_config(str(tmp_path / "nope.toml"))
