@@ -100,7 +100,7 @@ def run(cmd: list[str], env: dict[str, str]) -> None:
     """Run one step as the user would type it; a failing step stops the demo with its name and exit code."""
     print("\n$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     t0 = time.time()
-    code = subprocess.run(cmd, env=env, cwd=str(REPO)).returncode
+    code = subprocess.run(cmd, check=False, env=env, cwd=str(REPO)).returncode
     if code != 0:
         raise UserError(f"demo step `{Path(cmd[1]).name}` failed with exit code {code}; its output is above")
     print(f"({time.time() - t0:.0f} s)", flush=True)
