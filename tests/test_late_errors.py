@@ -324,3 +324,38 @@ def test_error_on_one_of_two_processes_saves_the_network_without_hanging(tmp_pat
     assert any(k.endswith("lora_down.weight") for k in load_file(str(weights)))
     assert not (tmp_path / "out" / "lora-interrupted-state").exists()
     assert "the state was not saved" in r.stderr, r.stderr[-4000:]
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+                    reason="torchrun not installed")
+def test_sigterm_to_torchrun_saves_weights_and_state_from_both_processes(tmp_path, tiny_sdxl_file, shapes_dataset):
+    """torchrun forwards SIGTERM to every process; they agree on one step and save together (each its RNG state)."""
+    log = tmp_path / "run_loss.jsonl"
+    cfg = run_toml(tmp_path, tiny_sdxl_file, shapes_dataset["config"], max_train_steps=100000,
+                   network_train_unet_only=True)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1")
+    err_file = tmp_path / "stderr.txt"
+    with open(tmp_path / "stdout.txt", "w") as out, open(err_file, "w") as errs:
+        proc = subprocess.Popen([torchrun, "--nproc_per_node", "2", "--master_port", "29583", "--shutdown_timeout",
+                                 "300", str(REPO / SCRIPT), "--config_file", cfg], cwd=str(tmp_path), env=env,
+                                stdout=out, stderr=errs, text=True)
+        try:
+            deadline = time.monotonic() + 600
+            while not (log.exists() and log.read_text().strip()):
+                assert proc.poll() is None, err_file.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no step within 10 minutes"
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    err = err_file.read_text()
+    assert proc.returncode != 0
+    assert "stopped by SIGTERM at step" in err, err[-4000:]
+    state = assert_interrupted_files(tmp_path / "out")
+    loop_state = json.loads((state / "loop_state.json").read_text())
+    assert loop_state["num_processes"] == 2 and loop_state["global_step"] == len(read_losses(log))
+    assert (state / "rng-0.json").is_file() and (state / "rng-1.json").is_file(), sorted(os.listdir(state))
