@@ -105,9 +105,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("bench_flux_swap_speed.py needs a CUDA GPU (it measures host-to-GPU copies)", file=sys.stderr)
         raise SystemExit(2)
-    from diffusers import FluxTransformer2DModel
-
     from bench_flux_swap_memory import run
+    from diffusers import FluxTransformer2DModel
 
     if args.swap is None:
         args.swap = (args.double + args.single) // 2

@@ -158,6 +158,7 @@ def _inputs(tr, seed: int = 1) -> dict:
 
 def _lora_model(tiny, fp8: bool = False):
     from conftest import randomize_lora_up
+
     from networks.lora_flux import create_network
 
     tr = copy.deepcopy(tiny.transformer).requires_grad_(False)
@@ -222,7 +223,7 @@ def _check_log(log: list[tuple], n_slots: int) -> None:
             last_run[entry[1]] = pos
 
 
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16-like", "fp8"])
+@pytest.mark.parametrize("fp8", [False, True], ids=["full", "fp8"])
 @pytest.mark.parametrize("prefetch", [0, 1])
 def test_swapper_with_a_lagging_copy_stream_is_exact(tiny, monkeypatch, fp8, prefetch):
     def no_sync(*a, **k):

@@ -14,8 +14,7 @@ import torch
 
 from library.config.flux_config import FluxConfig
 from library.errors import UserError
-from library.models.lowvram import (DEFAULT_SWAP_PREFETCH, BlockSwapper, apply_fp8_linear, place_module,
-                                    swapped_blocks)
+from library.models.lowvram import DEFAULT_SWAP_PREFETCH, BlockSwapper, apply_fp8_linear, place_module, swapped_blocks
 
 logger = logging.getLogger(__name__)
 

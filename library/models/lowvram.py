@@ -28,12 +28,16 @@ block moves as a single copy. Swapping `.data` keeps each `nn.Parameter` object:
 block's backward reads the slot it was recomputed from. In the backward a block stays in its slot until the next
 block's recompute starts, which the autograd engine reaches only after the block's backward has been given to the
 stream; its slot is then reused only after the event recorded at that moment.
+
+The host buffer is the only master copy: swapped weights must be frozen (LoRA training and generation freeze them),
+since an update made while a block sits in a slot would be lost at its eviction. On the CPU (tests, diagnostics) the
+slots are CPU tensors and the copies run inline (`InlineStreams`), so the same path changes no number there either.
 """
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -266,7 +270,7 @@ class BlockSwapper:
     def attach(cls, model: nn.Module, n_blocks: int, device: torch.device | str,
                offload_device: torch.device | str = "cpu", block_lists: Iterable[str] = FLUX_BLOCK_LISTS,
                record: bool = False, prefetch: int = DEFAULT_SWAP_PREFETCH,
-               streams: SwapStreams | None = None) -> "BlockSwapper":
+               streams: SwapStreams | None = None) -> BlockSwapper:
         """Swap the last `n_blocks` blocks of `model` (in run order): put their weights in host buffers now,
         allocate the device slots, and hook the blocks so that each is in a slot when it runs. `prefetch`: how many
         blocks are copied ahead of the running one; `streams`: injectable for tests (default: CUDA streams on a
@@ -344,5 +348,5 @@ class BlockSwapper:
         self._apply(self.plan.release_all())
 
 
-__all__ = ["BlockSwapper", "DEFAULT_SWAP_PREFETCH", "FLUX_BLOCK_LISTS", "FLUX_FP8_INCLUDE", "Fp8Linear", "apply_fp8_linear",
-           "linear_weight_bytes", "model_blocks", "place_module", "swapped_blocks"]
+__all__ = ["DEFAULT_SWAP_PREFETCH", "FLUX_BLOCK_LISTS", "FLUX_FP8_INCLUDE", "BlockSwapper", "Fp8Linear",
+           "apply_fp8_linear", "linear_weight_bytes", "model_blocks", "place_module", "swapped_blocks"]

@@ -21,8 +21,9 @@ implementation for the CPU (copies happen at once); `CudaStreams` is the real on
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Protocol, Sequence
+from typing import Any, Literal, Protocol
 
 Phase = Literal["forward", "inference", "backward"]
 PHASES: tuple[str, ...] = ("forward", "inference", "backward")
@@ -139,7 +140,6 @@ class InlineStreams:
     def copy(self, after: Any, pairs: Sequence[tuple[Any, Any]], label: tuple[int, int]) -> None:
         for dst, src in pairs:
             dst.copy_(src)
-        return None
 
     def wait(self, event: Any) -> None:
         return None
@@ -185,5 +185,5 @@ class CudaStreams:
         self._compute_stream().wait_stream(self.copy_stream)
 
 
-__all__ = ["CudaStreams", "Evict", "Fetch", "InlineStreams", "PHASES", "Phase", "SwapPlan", "SwapStreams",
+__all__ = ["PHASES", "CudaStreams", "Evict", "Fetch", "InlineStreams", "Phase", "SwapPlan", "SwapStreams",
            "expected_after"]
