@@ -374,3 +374,39 @@ def test_cpu_default_streams_copy_inline(tiny):
     assert isinstance(swapper.streams, InlineStreams) and swapper.prefetch == 0  # one block: nothing to fetch ahead
     assert swapper.slot_bytes >= sum(p.numel() * p.element_size() for p in swapper.blocks[0].parameters())
     assert not any(s.host.is_pinned() for s in swapper._stores)  # pinning needs CUDA
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the real side stream and pinned buffers need a CUDA GPU")
+@pytest.mark.parametrize("fp8", [False, True], ids=["full", "fp8"])
+def test_swapper_on_cuda_is_exact_with_pinned_buffers_and_a_side_stream(tiny, monkeypatch, fp8):
+    def no_sync(*a, **k):
+        raise AssertionError("block swapping must not synchronise the device")
+
+    tr, net = _lora_model(tiny, fp8)
+    tr.to("cuda")
+    net.to("cuda")
+
+    def step():
+        net.zero_grad(set_to_none=True)
+        out = tr(**{k: v.cuda() for k, v in _inputs(tr).items()}).sample
+        out.square().mean().backward()
+        return out.detach().cpu(), [p.grad.cpu() for p in net.parameters() if p.requires_grad]
+
+    want_out, want_grads = step()
+    before = torch.cuda.memory_allocated()
+    swapper = BlockSwapper.attach(tr, 3, "cuda", prefetch=1)
+    assert isinstance(swapper.streams, CudaStreams)
+    assert all(s.host.is_pinned() for s in swapper._stores)
+    # the swapped blocks left the device; two slots (each the size of the largest of them) took their place
+    tensors = [e for s in swapper._stores for e in s.entries]
+    swapped = sum(e.nbytes for e in tensors)
+    assert torch.cuda.memory_allocated() <= before - swapped + 2 * swapper.slot_bytes + 512 * len(tensors)
+    monkeypatch.setattr(torch.cuda, "synchronize", no_sync)
+    for _ in range(3):
+        got_out, got_grads = step()
+        assert torch.equal(got_out, want_out)
+        for g, w in zip(got_grads, want_grads, strict=True):
+            assert torch.equal(g, w)
+    monkeypatch.undo()
+    swapper.detach()
+    assert all(p.device.type == "cuda" for p in tr.parameters())
