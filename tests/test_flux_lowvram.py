@@ -259,3 +259,19 @@ def test_flux_gen_img_with_fp8_base_matches_full_precision(tmp_path, tiny_flux_s
         outs[name] = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
     diff = np.abs(outs["full"] - outs["fp8"])
     assert diff.mean() < 8, diff.mean()  # same picture, up to fp8 rounding
+
+
+def test_swap_prefetch_from_the_config_sets_the_slots(tiny):
+    """A `swap_prefetch` on the FLUX config (a flag to come) reaches the swapper; a negative one is one clear error."""
+    from library.families.flux_placement import apply_low_vram
+
+    tr = copy.deepcopy(tiny.transformer).requires_grad_(False)
+    cfg = SimpleNamespace(fp8_base=False, blocks_to_swap=3, swap_prefetch=2)
+    swapper = apply_low_vram(tr, cfg, torch.device("cpu"))
+    assert swapper.prefetch == 2 and len(swapper._slots) == 3
+    swapper.detach()
+    default = apply_low_vram(tr, SimpleNamespace(fp8_base=False, blocks_to_swap=3), torch.device("cpu"))
+    assert default.prefetch == 1 and len(default._slots) == 2
+    default.detach()
+    with pytest.raises(UserError, match="--swap_prefetch must be 0 or more"):
+        apply_low_vram(tr, SimpleNamespace(fp8_base=False, blocks_to_swap=3, swap_prefetch=-1), torch.device("cpu"))

@@ -62,6 +62,8 @@ def apply_low_vram(transformer: torch.nn.Module, fcfg: FluxConfig, device: torch
                         "swapped block's forward to bring it back to the GPU")
     # a --swap_prefetch flag, once FluxConfig has one, sets how many blocks are copied ahead of the running one
     prefetch = getattr(fcfg, "swap_prefetch", None)
+    if prefetch is not None and prefetch < 0:
+        raise UserError(f"--swap_prefetch must be 0 or more blocks, got {prefetch}")
     swapper = BlockSwapper.attach(transformer, fcfg.blocks_to_swap, device,
                                   prefetch=DEFAULT_SWAP_PREFETCH if prefetch is None else prefetch)
     logger.info("--blocks_to_swap: %d of %d blocks kept in %s host memory, %d copied ahead of the running one "
