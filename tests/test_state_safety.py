@@ -127,6 +127,64 @@ def test_rng_state_round_trips_through_the_files(tmp_path):
     assert got[1:] == want[1:]
 
 
+def _fake_session(seed: int = 1):
+    """The parts of a training session that checkpoint.save_state / load_state touch, on a small linear network."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(seed)
+    module = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    accelerator = SimpleNamespace(is_main_process=True, num_processes=1, process_index=0, scaler=None,
+                                  wait_for_everyone=lambda: None, print=print)
+    cfg = SimpleNamespace(network_kind="lora", training=SimpleNamespace(seed=1, gradient_accumulation_steps=1),
+                          network=SimpleNamespace(network_dim=4, network_alpha=1.0),
+                          optimizer=SimpleNamespace(optimizer_type="AdamW", optimizer_args=[], learning_rate=0.1),
+                          model=SimpleNamespace(allow_pickle=False))
+    return SimpleNamespace(cfg=cfg, accelerator=accelerator, network=SimpleNamespace(module=module),
+                           optimizer=optimizer, scheduler=scheduler, datasets=[], batches_per_epoch=2)
+
+
+def _step(session) -> None:
+    session.network.module(torch.ones(1, 3)).sum().backward()
+    session.optimizer.step()
+    session.optimizer.zero_grad()
+    session.scheduler.step()
+
+
+def test_save_and_load_restore_network_optimizer_and_scheduler_in_process(tmp_path):
+    from library.train import checkpoint as ckpt
+
+    a = _fake_session()
+    _step(a)
+    ckpt.save_state(a, ckpt.LoopState(global_step=1, batches_per_epoch=2, seed=1), str(tmp_path / "state"))
+    _step(a)  # the run goes on ...
+    b = _fake_session(seed=2)  # ... and a fresh one resumes from step 1
+    assert ckpt.load_state(b, str(tmp_path / "state")).global_step == 1
+    _step(b)
+    for p, q in zip(a.network.module.parameters(), b.network.module.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+    assert b.scheduler.get_last_lr() == a.scheduler.get_last_lr()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_failed_save_keeps_the_previous_state_folder(tmp_path, monkeypatch):
+    from library.train import checkpoint as ckpt
+
+    s = _fake_session()
+    _step(s)
+    path = str(tmp_path / "state")
+    ckpt.save_state(s, ckpt.LoopState(global_step=1), path)
+    monkeypatch.setattr(s.scheduler, "state_dict", lambda: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_state(s, ckpt.LoopState(global_step=2), path)
+    assert json.loads((tmp_path / "state" / "loop_state.json").read_text())["global_step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]  # no .tmp left behind
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError):
+        ckpt.save_state(s, ckpt.LoopState(global_step=2), str(tmp_path / "file" / "state"))
+
+
 # --- saving and resuming through the script ----------------------------------------------------------------------------
 
 def test_saved_state_is_pickle_free_and_describes_its_run(full_run):

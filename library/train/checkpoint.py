@@ -64,34 +64,75 @@ def save_state(session: Any, state: LoopState, path: str) -> None:
     """Write the state folder atomically: everything goes into PATH.tmp, which then replaces PATH, so a crash
     mid-write leaves the previous state folder intact. The network is replicated (also under FSDP, where only the
     frozen base model is sharded), so the main process writes it and the optimizer state; each process writes its
-    own random number generator state."""
+    own random number generator state.
+
+    With several processes, a failure on one (a full disk, an unwritable folder) must not leave the others waiting at
+    a barrier the failed one never reaches: every process passes every synchronisation point, the processes agree
+    whether all parts were written before the folder is swapped in, and each then raises its own error."""
     acc = session.accelerator
+    main = acc.is_main_process
     tmp = path + ".tmp"
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+    error: Exception | None = None
+
+    def attempt(write) -> None:
+        nonlocal error
+        if error is None:
+            try:
+                write()
+            except Exception as e:  # OSError, a full disk, a safetensors or JSON writer's own error
+                error = e
+
+    if main:
+        attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), os.makedirs(tmp)))
+    ready = _everyone_ok(acc, error is None)
+    if ready:
+        attempt(lambda: state_io.write_tree(tmp, f"rng-{acc.process_index}", state_io.rng_state()))
+        if main:
+            attempt(lambda: _write_main_parts(session, state, tmp))
+    written = _everyone_ok(acc, ready and error is None)
+    if main:
+        if written:
+            attempt(lambda: _swap_in(tmp, path))
+        if error is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
-    state_io.write_tree(tmp, f"rng-{acc.process_index}", state_io.rng_state())
-    if acc.is_main_process:
-        weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in session.network.module.state_dict().items()}
-        save_file(weights, os.path.join(tmp, NETWORK_FILE))
-        state_io.write_tree(tmp, "optimizer", session.optimizer.state_dict())
-        state_io.write_tree(tmp, "scheduler", session.scheduler.state_dict())
-        scaler = _scaler(acc)
-        if scaler is not None and scaler.state_dict():
-            state_io.write_tree(tmp, "scaler", scaler.state_dict())
-        state_io.write_json(os.path.join(tmp, STATE_FILE), asdict(state))
-        state_io.write_json(os.path.join(tmp, FORMAT_FILE),
-                            {"format": FORMAT, "version": VERSION, "depends": describe_run(session)})
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        old = path + ".old"
-        if os.path.exists(path):
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
+    if error is not None:
+        raise error
+    if not written:
+        raise UserError(f"the training state was not saved to {path}: another process could not write its part "
+                        "(its error is reported there)")
+
+
+def _write_main_parts(session: Any, state: LoopState, folder: str) -> None:
+    weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in session.network.module.state_dict().items()}
+    save_file(weights, os.path.join(folder, NETWORK_FILE))
+    state_io.write_tree(folder, "optimizer", session.optimizer.state_dict())
+    state_io.write_tree(folder, "scheduler", session.scheduler.state_dict())
+    scaler = _scaler(session.accelerator)
+    if scaler is not None and scaler.state_dict():
+        state_io.write_tree(folder, "scaler", scaler.state_dict())
+    state_io.write_json(os.path.join(folder, STATE_FILE), asdict(state))
+    state_io.write_json(os.path.join(folder, FORMAT_FILE),
+                        {"format": FORMAT, "version": VERSION, "depends": describe_run(session)})
+
+
+def _swap_in(tmp: str, path: str) -> None:
+    old = path + ".old"
+    if os.path.exists(path):
         shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _everyone_ok(accelerator: Any, ok: bool) -> bool:
+    """True when `ok` holds on every process; a synchronisation point like a barrier."""
+    if accelerator.num_processes == 1:
+        return ok
+    import torch
+
+    flag = torch.tensor([0.0 if ok else 1.0], device=accelerator.device)
+    return float(accelerator.reduce(flag, reduction="sum").item()) == 0.0
 
 
 def read_loop_state(path: str) -> LoopState:
