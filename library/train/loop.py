@@ -392,7 +392,7 @@ class Trainer:
 
     def _finish(self) -> str:
         """The final network, the final evaluation and the final state; returns the network's path."""
-        s, cfg, acc = self.s, self.s.cfg, self.s.accelerator
+        cfg, acc = self.s.cfg, self.s.accelerator
         out = self.save_network(f"{cfg.save.output_name}.safetensors")
         self._final_saved = True
         if torch.cuda.is_available():
