@@ -215,7 +215,14 @@ def _assert_round_trip(file: Path, saved: dict, models) -> None:
     else:
         tes, denoiser = [models.clip_l, models.t5], models.transformer
     tes, view = sd_scripts_text_encoders(tes), sd_scripts_view(denoiser)
-    network, _ = lycoris_kohya.create_network_from_weights(1.0, str(file), None, tes, view)
+    try:
+        network, _ = lycoris_kohya.create_network_from_weights(1.0, str(file), None, tes, view)
+    except TypeError as e:
+        if "IA3Module.make_module_from_state_dict" not in str(e):
+            raise
+        # lycoris-lora 4.1.x: IA3Module.extract_state_dict returns (weight, on_input) but make_module_from_state_dict
+        # takes (weight) only, so LyCORIS cannot read its own (IA)^3 files on any model (sd-scripts' included)
+        pytest.skip(f"LyCORIS cannot load its own IA3 files: {e}")
     network.apply_to(tes, view, True, True)
     try:
         assert {lora.lora_name for lora in network.loras} == _module_names(saved)
