@@ -18,6 +18,8 @@ install_requires = [
     "numpy>=1.24",
     "pillow>=10",
     "scipy>=1.10",
+    "prodigyopt>=1.0",  # --optimizer_type Prodigy: sd-scripts installs it by default
+    "schedulefree>=1.2",  # --optimizer_type AdamWScheduleFree / RAdamScheduleFree (sd-scripts installs it too)
 ]
 # Respect an existing torch build (the user's CUDA or CPU choice); only a machine without torch gets the pinned one.
 if importlib.util.find_spec("torch") is None:
@@ -43,5 +45,6 @@ setup(
         "xformers": ["xformers"],
         "wandb": ["wandb"],
         "prodigy": ["prodigyopt"],
+        "dadaptation": ["dadaptation"],  # --optimizer_type DAdaptAdam, DAdaptLion, ...
     },
 )
