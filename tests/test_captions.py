@@ -61,9 +61,13 @@ def test_caption_dropout_rate_and_every_n_epochs():
     assert 60 < empty < 140 and all(o in ("", CAPTION) for o in outs)
     assert process_caption(CAPTION, subset(caption_dropout_rate=1.0), random.Random(0), 1) == ""
 
-    e = subset(caption_dropout_every_n_epochs=3)
-    assert [process_caption(CAPTION, e, random.Random(0), ep) == "" for ep in range(1, 7)] == [
+    e = subset(caption_dropout_every_n_epochs=3)  # epochs 3 and 6 counted from 1 (sd-scripts), 2 and 5 from 0
+    assert [process_caption(CAPTION, e, random.Random(0), ep) == "" for ep in range(0, 6)] == [
         False, False, True, False, False, True
+    ]
+    two = subset(caption_dropout_every_n_epochs=2)  # sd-scripts: epochs 2, 4, 6 counted from 1
+    assert [process_caption(CAPTION, two, random.Random(0), ep) == "" for ep in range(0, 6)] == [
+        False, True, False, True, False, True
     ]
     assert caption_ops_active(e)
 

@@ -83,6 +83,7 @@ DATASET_KEYS: dict[str, KeySpec] = {
     "max_bucket_reso": KeySpec("int", "dataset", _at_least(1)),
     "bucket_reso_steps": KeySpec("int", "dataset", _at_least(1)),
     "bucket_no_upscale": KeySpec("bool", "dataset"),
+    "prior_loss_weight": KeySpec("float", "dataset"),  # loss weight of is_reg images (--prior_loss_weight)
 }
 
 # sd-scripts keys (and a few from popular forks) that this toolkit accepts without using them.
@@ -97,7 +98,6 @@ IGNORED_KEYS: frozenset[str] = frozenset(
         "custom_attributes",
         "resize_interpolation",
         "system_prompt",
-        "prior_loss_weight",
         "debug_dataset",
         "max_token_length",
     }
@@ -121,6 +121,7 @@ DATASET_DEFAULTS: dict[str, Any] = {
     "max_bucket_reso": 1024,
     "bucket_reso_steps": 64,
     "bucket_no_upscale": False,
+    "prior_loss_weight": 1.0,
 }
 
 # The VAE shrinks images 8x, so bucket edges must stay on the latent grid.
@@ -263,6 +264,7 @@ class _Context:
             max_bucket_reso=values["max_bucket_reso"],
             bucket_reso_steps=values["bucket_reso_steps"],
             bucket_no_upscale=values["bucket_no_upscale"],
+            prior_loss_weight=float(values["prior_loss_weight"]),
             subsets=subsets,
         )
         self.check_buckets(dataset, chain)

@@ -58,6 +58,8 @@ def dataset_fallbacks(values: Mapping[str, Any]) -> dict[str, Any]:
             value = parse_resolution(value)
         if value is not None:
             out[key] = value
+    if values.get("prior_loss_weight") is not None:  # a training flag that is also a dataset key in sd-scripts
+        out["prior_loss_weight"] = values["prior_loss_weight"]
     return out
 
 

@@ -15,6 +15,7 @@ from library.errors import UserError
 
 TIMESTEP_SAMPLING = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
 MODEL_PREDICTION_TYPES = ("raw", "additive", "sigma_scaled")
+WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform")
 
 
 @dataclass
@@ -34,6 +35,13 @@ class FluxConfig:
     discrete_flow_shift: float = flag(3.0, "shift of the flow-matching schedule")
     model_prediction_type: str = flag("sigma_scaled", "how the model output is turned into the prediction compared "
                                                       "with noise - latents", choices=MODEL_PREDICTION_TYPES, type=str)
+    weighting_scheme: str = flag("uniform", "SD3-style schemes: logit_normal and mode change how --timestep_sampling "
+                                            "sigma draws its timesteps; sigma_sqrt and cosmap weight the loss by the "
+                                            "noise level (with --model_prediction_type sigma_scaled); uniform / none: "
+                                            "neither", choices=WEIGHTING_SCHEMES, type=str)
+    logit_mean: float = flag(0.0, "mean of the normal draw of --weighting_scheme logit_normal")
+    logit_std: float = flag(1.0, "standard deviation of the normal draw of --weighting_scheme logit_normal")
+    mode_scale: float = flag(1.29, "scale of --weighting_scheme mode")
     guidance_scale: float = flag(3.5, "distilled guidance fed to guidance-distilled models (FLUX.1 dev) while "
                                       "training")
     fp8_base: bool = flag(False, "store the transformer's block Linears in fp8 and upcast them per layer (halves "
@@ -53,6 +61,8 @@ class FluxConfig:
     def __post_init__(self) -> None:
         if self.timestep_sampling not in TIMESTEP_SAMPLING:
             raise UserError(f"--timestep_sampling {self.timestep_sampling!r}: expected one of {TIMESTEP_SAMPLING}")
+        if self.weighting_scheme not in WEIGHTING_SCHEMES:
+            raise UserError(f"--weighting_scheme {self.weighting_scheme!r}: expected one of {WEIGHTING_SCHEMES}")
         if self.model_prediction_type not in MODEL_PREDICTION_TYPES:
             raise UserError(f"--model_prediction_type {self.model_prediction_type!r}: expected one of "
                             f"{MODEL_PREDICTION_TYPES}")
@@ -93,6 +103,10 @@ def flux_model_config(ns: argparse.Namespace) -> FluxModelConfig:
         messages.append(f"--blocks_to_swap {values['blocks_to_swap']}: no CUDA GPU on this machine, so no blocks are "
                         "swapped (the whole transformer stays on the CPU)")
         values["blocks_to_swap"] = None
+    if values.get("loss_type") in ("huber", "smooth_l1") and values.get("huber_schedule") == "snr":
+        raise UserError(f"--loss_type {values['loss_type']} with --huber_schedule snr (its default): the snr schedule "
+                        "needs a DDPM noise schedule, which FLUX does not have (sd-scripts stops on it too); give "
+                        "--huber_schedule constant or exponential")
     warn_once(messages)
     flux_ns = argparse.Namespace(**values)
     return config_from_namespace(FluxModelConfig, flux_ns, flux=config_from_namespace(FluxConfig, flux_ns))

@@ -28,7 +28,8 @@ def caption_ops_active(subset: SubsetConfig) -> bool:
 
 
 def process_caption(caption: str, subset: SubsetConfig, rng: random.Random, epoch: int) -> str:
-    """The caption the text encoder sees for this sample in this epoch."""
+    """The caption the text encoder sees for this sample in this epoch (`epoch` counts from 0, as the loop does;
+    caption_dropout_every_n_epochs = n empties captions in epochs n, 2n, ... counted from 1, as sd-scripts does)."""
     if subset.caption_prefix:
         caption = subset.caption_prefix + " " + caption
     if subset.caption_suffix:
@@ -36,7 +37,7 @@ def process_caption(caption: str, subset: SubsetConfig, rng: random.Random, epoc
 
     dropped = subset.caption_dropout_rate > 0 and rng.random() < subset.caption_dropout_rate
     every = subset.caption_dropout_every_n_epochs
-    if dropped or (every > 0 and epoch % every == 0):
+    if dropped or (every > 0 and (epoch + 1) % every == 0):
         return ""
 
     caption = caption.split("\n")[0]

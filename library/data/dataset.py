@@ -63,6 +63,8 @@ class Batch:
     item_indices: list[int]
     latents: torch.Tensor | None
     paths: list[str]
+    # per-sample loss factors: prior_loss_weight for regularization images; None when all are 1
+    loss_weights: torch.Tensor | None = None
 
 
 @dataclass
@@ -282,7 +284,15 @@ class TrainDataset:
             item_indices=list(indices),
             latents=torch.stack(latents) if latents else None,
             paths=[it.record.path for it in items],
+            loss_weights=self._loss_weights(items),
         )
+
+    def _loss_weights(self, items: list[DatasetItem]) -> torch.Tensor | None:
+        """sd-scripts' per-sample loss weights: the dataset's prior_loss_weight for is_reg images, 1 otherwise."""
+        prior = self.config.prior_loss_weight
+        if prior == 1.0 or not any(it.record.is_reg for it in items):
+            return None
+        return torch.tensor([prior if it.record.is_reg else 1.0 for it in items], dtype=torch.float32)
 
 
 def _crop_top_left(item: DatasetItem, plan: _Plan) -> tuple[int, int]:

@@ -54,6 +54,7 @@ class DatasetConfig:
     max_bucket_reso: int = 1024
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
+    prior_loss_weight: float = 1.0  # loss weight of regularization (is_reg) images
     subsets: list[SubsetConfig] = field(default_factory=list)
 
 

@@ -23,13 +23,23 @@ from library.errors import UserError
 from library.families import noise as noise_lib
 from library.families.flux_latents import KONTEXT_CONTROL_INDEX, image_ids, pack_latents, unpack_latents
 from library.families.flux_placement import apply_low_vram, check_low_vram_flags
-from library.families.flux_sigmas import sample_sigmas
+from library.families.flux_sigmas import FLOW_STEPS, loss_weighting, sample_sigmas
 from library.families.interface import ModelFamily, NoisyInput, SampleRequest, module_fingerprint
 from library.families.registry import register_family
 
 logger = logging.getLogger(__name__)
 
 CLIP_MAX_LENGTH = 77
+
+# DDPM-only flags that sd-scripts' FLUX trainer accepts and does not use: each is answered with one warning.
+DDPM_ONLY_FLAGS = ("noise_offset", "adaptive_noise_scale", "noise_offset_random_strength", "multires_noise_iterations",
+                   "zero_terminal_snr", "min_snr_gamma", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss",
+                   "debiased_estimation_loss")
+
+
+def unused_ddpm_flags(cfg: Any) -> list[str]:
+    """The DDPM-only flags (see DDPM_ONLY_FLAGS) a FLUX run was given."""
+    return [f"--{name}" for name in DDPM_ONLY_FLAGS if getattr(cfg, name, None)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -40,7 +50,6 @@ class FluxFamily(ModelFamily):
     def __init__(self) -> None:
         self.flux_cfg = FluxConfig()
         self._degrade_spec = None
-        self._warned_snr = False
 
     # --- models -------------------------------------------------------------------------------------------------
     def load_models(self, cfg: Any, dtype: torch.dtype) -> dict[str, Any]:
@@ -117,11 +126,21 @@ class FluxFamily(ModelFamily):
 
     # --- noise and prediction -----------------------------------------------------------------------------------
     def noise_and_timesteps(self, latents: torch.Tensor, generator: Any, cfg: Any) -> NoisyInput:
-        noise = noise_lib.sample_noise(latents, generator, getattr(cfg, "noise_offset", None))
+        """Plain Gaussian noise, as sd-scripts' FLUX trainer draws it (--noise_offset and the other DDPM noise flags
+        are answered with a warning and not used); --ip_noise_gamma perturbs the noisy input only."""
+        self._warn_unused(cfg)
+        noise = noise_lib.sample_noise(latents, generator, None)
         seq_len = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
         t = sample_sigmas(latents.shape[0], generator, self.flux_cfg, seq_len).to(latents.device)
         tb = t.view(-1, 1, 1, 1).to(latents.dtype)
-        noisy = (1 - tb) * latents + tb * noise
+        noised_with = noise
+        if getattr(cfg, "ip_noise_gamma", None):
+            b = latents.shape[0]
+            strength = noise_lib.perturbation_strength(b, generator, cfg.ip_noise_gamma,
+                                                       cfg.ip_noise_gamma_random_strength)
+            extra = noise_lib.randn(tuple(latents.shape), generator).to(latents.device, latents.dtype)
+            noised_with = noise + strength.to(latents.device, latents.dtype).view(b, 1, 1, 1) * extra
+        noisy = (1 - tb) * latents + tb * noised_with
         # drawn last, so that --kontext_degrade leaves noise and timesteps unchanged; one seed per sample
         seeds = noise_lib.sample_timesteps(latents.shape[0], generator, 0, 2 ** 31 - 1, torch.device("cpu"))
         return NoisyInput(noisy=noisy, noise=noise, timesteps=t, extras={"degrade_seeds": seeds.tolist()})
@@ -182,11 +201,32 @@ class FluxFamily(ModelFamily):
     def loss_target(self, models: dict[str, Any], latents: torch.Tensor, inp: NoisyInput) -> torch.Tensor:
         return inp.noise - latents
 
+    def _warn_unused(self, cfg: Any) -> None:
+        """One warning per process for the DDPM-only flags a FLUX run was given (warn_once keeps it to one)."""
+        unused = unused_ddpm_flags(cfg)
+        if unused:
+            from library.config.environment_flags import warn_once
+
+            warn_once([f"{', '.join(unused)}: for DDPM (epsilon / v) models; FLUX training does not use "
+                       f"{'it' if len(unused) == 1 else 'them'} (as in sd-scripts' flux_train_network.py)"])
+
     def loss_weights(self, models: dict[str, Any], inp: NoisyInput, cfg: Any) -> torch.Tensor | None:
-        if getattr(cfg, "min_snr_gamma", None) and not self._warned_snr:
-            logger.warning("--min_snr_gamma is for DDPM (epsilon / v) models and is not used by FLUX training")
-            self._warned_snr = True
-        return None
+        """--weighting_scheme sigma_sqrt / cosmap, with --model_prediction_type sigma_scaled as in sd-scripts."""
+        self._warn_unused(cfg)
+        fcfg = models.get("flux_cfg") or self.flux_cfg
+        if fcfg.model_prediction_type != "sigma_scaled":
+            return None
+        return loss_weighting(fcfg.weighting_scheme, inp.timesteps)
+
+    def huber_threshold(self, inp: NoisyInput, cfg: Any) -> torch.Tensor | None:
+        """--loss_type huber / smooth_l1 on FLUX: sd-scripts' threshold at timestep 1000 * sigma (constant and
+        exponential schedules; 'snr' needs a DDPM schedule, which check_training_flags refuses up front)."""
+        from library.train.loop_math import huber_threshold
+
+        if cfg.loss_type not in ("huber", "smooth_l1"):
+            return None
+        return huber_threshold(cfg.huber_schedule, cfg.huber_c, cfg.huber_scale, inp.timesteps.float() * FLOW_STEPS,
+                               None, FLOW_STEPS)
 
     # --- sampling -----------------------------------------------------------------------------------------------
     def build_pipeline(self, models: dict[str, Any], sampler: str | None = None, edit: bool = False) -> Any:

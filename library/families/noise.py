@@ -1,7 +1,20 @@
-"""Noise, timesteps and loss weights of DDPM-style (epsilon / v) training."""
+"""Noise, timesteps and loss weights of DDPM-style (epsilon / v) training.
+
+The sd-scripts noise and loss flags (`--noise_offset` with `--adaptive_noise_scale` / `--noise_offset_random_strength`,
+`--multires_noise_*`, `--ip_noise_gamma*`, `--zero_terminal_snr`, and the SNR-based loss weights) are defined here as
+sd-scripts defines them, with one difference on purpose: every random draw comes from the sample's own generator
+(one per position of the global batch), so that a sample's noise does not depend on how the batch is split across
+processes or on where a run was resumed. Where sd-scripts draws one value for the whole batch (the random offset and
+perturbation strengths, pyramid noise's level ratios), this module draws one per sample, and pyramid noise is
+normalised per sample instead of over the batch.
+"""
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 
 
 def ddpm_alphas_cumprod(num_steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
@@ -30,17 +43,101 @@ def rand(batch: int, generators) -> torch.Tensor:
     return _per_sample(lambda b, g: torch.rand((b,), generator=g), batch, generators)
 
 
-def sample_noise(latents: torch.Tensor, generators, noise_offset: float | None) -> torch.Tensor:
+def sample_noise(latents: torch.Tensor, generators, noise_offset: float | None, adaptive_noise_scale: float | None = None,
+                 random_strength: bool = False) -> torch.Tensor:
+    """Gaussian noise like `latents`, plus sd-scripts' offset noise when `noise_offset` is set: a per-channel
+    constant lets the model learn very dark / bright images. `random_strength` (--noise_offset_random_strength)
+    draws the offset's strength uniformly in [0, noise_offset); `adaptive_noise_scale` adds that much of each
+    channel's absolute latent mean to it (clamped at 0 from below)."""
     noise = randn(tuple(latents.shape), generators).to(latents.device, latents.dtype)
     if noise_offset:
-        # the offset noise trick: a per-channel constant lets the model learn very dark / bright images
-        offset = randn((latents.shape[0], latents.shape[1], 1, 1), generators)
-        noise = noise + noise_offset * offset.to(latents.device, latents.dtype)
+        b = latents.shape[0]
+        strength: Any = noise_offset
+        if random_strength:
+            strength = (rand(b, generators) * noise_offset).to(latents.device, latents.dtype).view(b, 1, 1, 1)
+        if adaptive_noise_scale is not None:
+            channel_mean = latents.mean(dim=(2, 3), keepdim=True).abs()
+            strength = torch.clamp(strength + adaptive_noise_scale * channel_mean, min=0.0)
+        offset = randn((b, latents.shape[1], 1, 1), generators)
+        noise = noise + strength * offset.to(latents.device, latents.dtype)
     return noise
 
 
+def pyramid_noise(noise: torch.Tensor, generators, iterations: int, discount: float) -> torch.Tensor:
+    """sd-scripts' multi-resolution ("pyramid") noise (--multires_noise_iterations / --multires_noise_discount):
+    level i adds Gaussian noise drawn at 1/r**i of the resolution (r uniform in [2, 4) per level), upscaled
+    bilinearly and weighted discount**i, until a side reaches one pixel; the sum is divided by its standard
+    deviation. Per sample (own generator, own r, own normalisation), see the module docstring."""
+    gens = [generators] * noise.shape[0] if isinstance(generators, torch.Generator) else list(generators)
+    if len(gens) != noise.shape[0]:
+        raise ValueError(f"{len(gens)} generators for a batch of {noise.shape[0]}")
+    _, c, h, w = noise.shape
+    out = []
+    for sample, g in zip(noise, gens):
+        x = sample.unsqueeze(0).float()
+        for i in range(iterations):
+            r = float(torch.rand((), generator=g)) * 2 + 2
+            hn, wn = max(1, int(h / r ** i)), max(1, int(w / r ** i))
+            level = torch.randn((1, c, hn, wn), generator=g).to(x.device)
+            x = x + F.interpolate(level, size=(h, w), mode="bilinear") * discount ** i
+            if hn == 1 or wn == 1:
+                break
+        out.append(x / x.std())
+    return torch.cat(out).to(noise.dtype)
+
+
+def perturbation_strength(batch: int, generators, gamma: float, random_strength: bool) -> torch.Tensor:
+    """--ip_noise_gamma's per-sample strength: gamma, or uniform in [0, gamma) with --ip_noise_gamma_random_strength."""
+    if random_strength:
+        return rand(batch, generators) * gamma
+    return torch.full((batch,), float(gamma))
+
+
 def sample_timesteps(batch: int, generators, min_t: int, max_t: int, device: torch.device) -> torch.Tensor:
+    """Integer timesteps uniform in [min_t, max_t); min_t == max_t trains every sample at that one timestep, as
+    sd-scripts does (no draw is made then)."""
+    if min_t > max_t:
+        raise ValueError(f"--min_timestep {min_t} is above --max_timestep {max_t}")
+    if min_t == max_t:
+        return torch.full((batch,), int(max_t), dtype=torch.long, device=device)
     return _per_sample(lambda b, g: torch.randint(min_t, max_t, (b,), generator=g), batch, generators).to(device)
+
+
+def zero_terminal_snr_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """--zero_terminal_snr (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed"): shift
+    and scale sqrt(alpha_bar) so that it keeps its first value and reaches exactly 0 at the last timestep, the
+    schedule sd-scripts builds from the rescaled betas."""
+    root = alphas_cumprod.double().sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    return (root ** 2).to(alphas_cumprod.dtype)
+
+
+def snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """alpha_bar / (1 - alpha_bar) at each timestep (inf at a zero-noise step, 0 at a zero-terminal-SNR end)."""
+    a = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return a / (1 - a)
+
+
+SNR_CAP = 1000.0  # sd-scripts caps the SNR at 1000 in the scaled / debiased weights (t=0 would be nearly inf)
+
+
+def v_pred_scale(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """SNR/(SNR+1), the SNR capped at 1000: --scale_v_pred_loss_like_noise_pred's factor."""
+    s = torch.clamp(snr(timesteps, alphas_cumprod), max=SNR_CAP)
+    return s / (s + 1)
+
+
+def v_pred_like_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, amount: float) -> torch.Tensor:
+    """--v_pred_like_loss: loss + amount * loss / (SNR/(SNR+1)), as a factor on the loss."""
+    return 1 + amount / v_pred_scale(timesteps, alphas_cumprod)
+
+
+def debiased_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, v_prediction: bool) -> torch.Tensor:
+    """--debiased_estimation_loss: 1/sqrt(SNR) for noise prediction, 1/(SNR+1) for v-prediction (SNR capped at
+    1000)."""
+    s = torch.clamp(snr(timesteps, alphas_cumprod), max=SNR_CAP)
+    return 1 / (s + 1) if v_prediction else 1 / torch.sqrt(s)
 
 
 def add_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:

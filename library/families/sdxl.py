@@ -69,11 +69,34 @@ class SDXLFamily(ModelFamily):
         return latents * getattr(vae.config, "scaling_factor", SDXL_VAE_SCALE)
 
     # --- noise and prediction -----------------------------------------------------------------------------------
+    def training_alphas_cumprod(self, cfg: Any) -> torch.Tensor:
+        """The training noise schedule: SDXL's, rescaled to zero terminal SNR with --zero_terminal_snr."""
+        if getattr(cfg, "zero_terminal_snr", False):
+            if getattr(self, "_zero_snr", None) is None:
+                self._zero_snr = noise_lib.zero_terminal_snr_alphas_cumprod(self.alphas_cumprod)
+            return self._zero_snr
+        return self.alphas_cumprod
+
     def noise_and_timesteps(self, latents: torch.Tensor, generator: Any, cfg: Any) -> NoisyInput:
-        noise = noise_lib.sample_noise(latents, generator, cfg.noise_offset)
+        """sd-scripts' order of operations: noise (+ offset, + pyramid noise), timesteps, then the noisy input, which
+        alone gets the --ip_noise_gamma perturbation. Draws that only a flag makes come after the default ones."""
+        ac = self.training_alphas_cumprod(cfg)
+        noise = noise_lib.sample_noise(latents, generator, cfg.noise_offset,
+                                       getattr(cfg, "adaptive_noise_scale", None),
+                                       getattr(cfg, "noise_offset_random_strength", False))
+        if getattr(cfg, "multires_noise_iterations", None):
+            noise = noise_lib.pyramid_noise(noise, generator, cfg.multires_noise_iterations,
+                                            cfg.multires_noise_discount)
         t = noise_lib.sample_timesteps(latents.shape[0], generator, cfg.min_timestep, cfg.max_timestep, latents.device)
-        noisy = noise_lib.add_noise(latents, noise, t, self.alphas_cumprod)
-        return NoisyInput(noisy=noisy, noise=noise, timesteps=t, extras={})
+        noised_with = noise
+        if getattr(cfg, "ip_noise_gamma", None):
+            b = latents.shape[0]
+            strength = noise_lib.perturbation_strength(b, generator, cfg.ip_noise_gamma,
+                                                       cfg.ip_noise_gamma_random_strength)
+            extra = noise_lib.randn(tuple(latents.shape), generator).to(latents.device, latents.dtype)
+            noised_with = noise + strength.to(latents.device, latents.dtype).view(b, 1, 1, 1) * extra
+        noisy = noise_lib.add_noise(latents, noised_with, t, ac)
+        return NoisyInput(noisy=noisy, noise=noise, timesteps=t, extras={"alphas_cumprod": ac})
 
     def predict(self, models: dict[str, Any], inp: NoisyInput, text: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         unet = models["unet"]
@@ -84,14 +107,39 @@ class SDXLFamily(ModelFamily):
 
     def loss_target(self, models: dict[str, Any], latents: torch.Tensor, inp: NoisyInput) -> torch.Tensor:
         if models.get("v_prediction"):
-            return noise_lib.v_target(latents, inp.noise, inp.timesteps, self.alphas_cumprod)
+            ac = inp.extras.get("alphas_cumprod", self.alphas_cumprod)
+            return noise_lib.v_target(latents, inp.noise, inp.timesteps, ac)
         return inp.noise
 
     def loss_weights(self, models: dict[str, Any], inp: NoisyInput, cfg: Any) -> torch.Tensor | None:
+        """Per-sample loss factors, applied in sd-scripts' order: --min_snr_gamma, --scale_v_pred_loss_like_noise_pred,
+        --v_pred_like_loss, --debiased_estimation_loss. None when none is on."""
+        ac = inp.extras.get("alphas_cumprod", self.alphas_cumprod)
+        v_pred = bool(models.get("v_prediction"))
+        weights: torch.Tensor | None = None
+
+        def times(w: torch.Tensor) -> None:
+            nonlocal weights
+            weights = w if weights is None else weights * w
+
         if cfg.min_snr_gamma:
-            return noise_lib.min_snr_weights(inp.timesteps, self.alphas_cumprod, cfg.min_snr_gamma,
-                                             bool(models.get("v_prediction")))
-        return None
+            times(noise_lib.min_snr_weights(inp.timesteps, ac, cfg.min_snr_gamma, v_pred))
+        if getattr(cfg, "scale_v_pred_loss_like_noise_pred", False):
+            times(noise_lib.v_pred_scale(inp.timesteps, ac))
+        if getattr(cfg, "v_pred_like_loss", None):
+            times(noise_lib.v_pred_like_weights(inp.timesteps, ac, cfg.v_pred_like_loss))
+        if getattr(cfg, "debiased_estimation_loss", False):
+            times(noise_lib.debiased_weights(inp.timesteps, ac, v_pred))
+        return weights
+
+    def huber_threshold(self, inp: NoisyInput, cfg: Any) -> torch.Tensor | None:
+        """The per-sample threshold of --loss_type huber / smooth_l1 (None for l1 / l2)."""
+        from library.train.loop_math import huber_threshold
+
+        if cfg.loss_type not in ("huber", "smooth_l1"):
+            return None
+        ac = inp.extras.get("alphas_cumprod", self.alphas_cumprod)
+        return huber_threshold(cfg.huber_schedule, cfg.huber_c, cfg.huber_scale, inp.timesteps, ac, len(ac))
 
     # --- sampling -----------------------------------------------------------------------------------------------
     def build_pipeline(self, models: dict[str, Any], sampler: str | None = None, edit: bool = False) -> Any:

@@ -20,7 +20,7 @@ from library.train import checkpoint as ckpt
 from library.train.attention import configure_training_attention
 from library.train.batch_inputs import batch_latents, batch_text
 from library.train.epoch_plan import PlannedBatch, plan_epoch
-from library.train.loop_math import all_reduce_mean_, masked_mse, nonfinite_grads, step_generator
+from library.train.loop_math import all_reduce_mean_, loss_mask, nonfinite_grads, step_generator, training_loss
 from library.train.network_adapter import TrainNetwork, build_network
 from library.train.preflight import preflight
 from library.train.rescue import (RescueReport, StopSignal, TrainingTerminated, rescue_folders, save_everything,
@@ -189,7 +189,11 @@ class Trainer:
             pred = s.family.predict(s.models, inp, text, batch)
         target = s.family.loss_target(s.models, latents, inp)
         weights = s.family.loss_weights(s.models, inp, t)
-        return masked_mse(pred, target, batch.alpha_masks, weights)
+        threshold_of = getattr(s.family, "huber_threshold", None)  # families without it: l1 / l2 only
+        return training_loss(pred, target, loss_type=t.loss_type,
+                             threshold=threshold_of(inp, t) if threshold_of else None,
+                             mask=loss_mask(batch, t.masked_loss), weights=weights,
+                             sample_weights=getattr(batch, "loss_weights", None))
 
     def _load(self, pb: PlannedBatch, indices: list[int]) -> Any:
         return self.s.datasets[pb.dataset_index].load_batch(indices, self.state.epoch)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -96,3 +97,31 @@ def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = 
         core = torch.sqrt((pred - target) ** 2 + c ** 2) - c
         return 2 * c * core if loss_type == "huber" else 2 * core
     raise ValueError(f"unknown loss type {loss_type!r}; expected one of {LOSS_TYPES}")
+
+
+def loss_mask(batch: Any, masked_loss: bool) -> torch.Tensor | None:
+    """The pixel-space loss mask [B,H,W] in [0, 1], as sd-scripts picks it: with --masked_loss, the red channel of
+    the conditioning image when the batch has one, else the alpha mask; without it, the alpha mask when the dataset
+    loads one (alpha_mask = true), else none."""
+    cond = getattr(batch, "conditioning_images", None)
+    if masked_loss and cond is not None:
+        return cond[:, 0].float()  # our conditioning images are in [0, 1] already
+    return getattr(batch, "alpha_masks", None)
+
+
+def training_loss(pred: torch.Tensor, target: torch.Tensor, *, loss_type: str = "l2",
+                  threshold: torch.Tensor | None = None, mask: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                  sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The scalar training loss in sd-scripts' order: element-wise loss (--loss_type), the pixel mask brought to latent size, the mean per sample, the dataset's per-sample loss
+    weights (--prior_loss_weight for regularization images), the family's per-sample weights (min-SNR and friends),
+    the batch mean. With l2 and no mask and weights this is `masked_mse` exactly, operation for operation."""
+    loss = elementwise_loss(pred, target, loss_type, threshold)
+    if mask is not None:  # pixel space -> latent resolution
+        m = F.interpolate(mask.unsqueeze(1).float(), size=loss.shape[-2:], mode="area").to(loss.device)
+        loss = loss * m
+    loss = loss.mean(dim=list(range(1, loss.ndim)))
+    if sample_weights is not None:
+        loss = loss * sample_weights.to(loss.device, loss.dtype)
+    if weights is not None:
+        loss = loss * weights.to(loss.device)
+    return loss.mean()
