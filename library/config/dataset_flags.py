@@ -61,6 +61,29 @@ class DatasetFlags:
                                    dataset_key="validation_split")
     validation_seed: int | None = flag(None, "seed of the held-out split",
                                        dataset_key="validation_seed")
+    secondary_separator: str | None = flag(None, "a second tag separator: tags joined by it are shuffled and "
+                                                 "dropped as one, then it becomes --caption_separator",
+                                           dataset_key="secondary_separator")
+    enable_wildcard: bool = flag(False, "'{a|b|c}' in captions picks one choice each time; a multi-line caption "
+                                        "uses one random line", dataset_key="enable_wildcard")
+    token_warmup_min: int = flag(1, "free tags shown at the start of a token warm-up",
+                                 dataset_key="token_warmup_min")
+    token_warmup_step: float = flag(0.0, "steps until all tags are shown (below 1: a fraction of the run's "
+                                         "steps; 0: no warm-up)", dataset_key="token_warmup_step")
+    face_crop_aug_range: str | None = flag(None, "'low,high' face-crop zoom range (accepted; face boxes are not "
+                                                 "read, so images are cropped as usual, with a warning)",
+                                           dataset_key="face_crop_aug_range")
+    resize_interpolation: str | None = flag(None, "image resize filter (default: area when shrinking, Lanczos "
+                                                  "when enlarging)",
+                                            choices=("lanczos", "nearest", "bilinear", "linear", "bicubic",
+                                                     "cubic", "area"),
+                                            dataset_key="resize_interpolation")
+    debug_dataset: bool = flag(False, "print each dataset's images, buckets and captions as training would see "
+                                      "them, then exit without training")
+    dataset_class: str | None = flag(None, "'module.Class' of a custom dataset (not supported: a warning, and "
+                                           "the dataset flags or TOML are used)")
+    skip_cache_check: bool = flag(False, "do not re-check the contents of existing latent / text-encoder cache "
+                                         "files (accepted; the checks read only file headers)")
     max_data_loader_n_workers: int = flag(8, "data-loader worker processes (accepted; images load in the main "
                                              "process)")
     persistent_data_loader_workers: bool = flag(False, "keep data-loader workers between epochs (accepted; images "

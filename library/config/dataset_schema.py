@@ -47,6 +47,14 @@ def _non_empty(v: str) -> str | None:
     return None if v else "must not be empty"
 
 
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}, got {v!r}"
+
+
+# sd-scripts' --resize_interpolation choices (plus "box", which its dataset code also maps)
+RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
+
+
 # Keys resolved per subset (and inheritable from [[datasets]] and [general]).
 SUBSET_KEYS: dict[str, KeySpec] = {
     "image_dir": KeySpec("path", "subset"),
@@ -72,6 +80,13 @@ SUBSET_KEYS: dict[str, KeySpec] = {
     "cache_info": KeySpec("bool", "subset"),
     "validation_split": KeySpec("float", "subset", _fraction(upper_inclusive=False)),
     "validation_seed": KeySpec("int", "subset"),
+    "secondary_separator": KeySpec("str", "subset"),
+    "enable_wildcard": KeySpec("bool", "subset"),
+    "token_warmup_min": KeySpec("int", "subset", _at_least(0)),
+    "token_warmup_step": KeySpec("float", "subset", _at_least(0)),
+    "face_crop_aug_range": KeySpec("range", "subset"),
+    "resize_interpolation": KeySpec("str", "subset", _one_of(RESIZE_INTERPOLATIONS)),
+    "custom_attributes": KeySpec("table", "subset"),
 }
 
 # Keys resolved per dataset (inheritable from [general]).
@@ -84,19 +99,12 @@ DATASET_KEYS: dict[str, KeySpec] = {
     "bucket_reso_steps": KeySpec("int", "dataset", _at_least(1)),
     "bucket_no_upscale": KeySpec("bool", "dataset"),
     "prior_loss_weight": KeySpec("float", "dataset"),  # loss weight of is_reg images (--prior_loss_weight)
+    "network_multiplier": KeySpec("float", "dataset"),
 }
 
 # sd-scripts keys (and a few from popular forks) that this toolkit accepts without using them.
 IGNORED_KEYS: frozenset[str] = frozenset(
     {
-        "secondary_separator",
-        "enable_wildcard",
-        "token_warmup_min",
-        "token_warmup_step",
-        "face_crop_aug_range",
-        "network_multiplier",
-        "custom_attributes",
-        "resize_interpolation",
         "system_prompt",
         "debug_dataset",
         "max_token_length",
@@ -110,6 +118,8 @@ KIND_DESCRIPTIONS: dict[str, str] = {
     "int": "an integer",
     "float": "a number",
     "resolution": "an integer or [width, height]",
+    "range": "two numbers [low, high]",
+    "table": "a table of values",
 }
 
 # sd-scripts' dataclass defaults, used when no table sets a key.
@@ -122,6 +132,7 @@ DATASET_DEFAULTS: dict[str, Any] = {
     "bucket_reso_steps": 64,
     "bucket_no_upscale": False,
     "prior_loss_weight": 1.0,
+    "network_multiplier": 1.0,
 }
 
 # The VAE shrinks images 8x, so bucket edges must stay on the latent grid.
@@ -217,6 +228,9 @@ class _Context:
             "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
             "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
             "resolution": _is_resolution,
+            "range": lambda v: isinstance(v, list) and len(v) == 2 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in v),
+            "table": lambda v: isinstance(v, dict),
         }[spec.kind](value)
         if not ok:
             raise self.error(f"expected {KIND_DESCRIPTIONS[spec.kind]}, got {value!r}", table, key)
@@ -265,6 +279,7 @@ class _Context:
             bucket_reso_steps=values["bucket_reso_steps"],
             bucket_no_upscale=values["bucket_no_upscale"],
             prior_loss_weight=float(values["prior_loss_weight"]),
+            network_multiplier=float(values["network_multiplier"]),
             subsets=subsets,
         )
         self.check_buckets(dataset, chain)
@@ -280,8 +295,11 @@ class _Context:
             values["caption_dropout_rate"] = float(values["caption_dropout_rate"])
         if isinstance(values["caption_tag_dropout_rate"], int):
             values["caption_tag_dropout_rate"] = float(values["caption_tag_dropout_rate"])
-        if isinstance(values["validation_split"], int):
-            values["validation_split"] = float(values["validation_split"])
+        for key in ("validation_split", "token_warmup_step"):
+            if isinstance(values[key], int):
+                values[key] = float(values[key])
+        if values["face_crop_aug_range"] is not None:
+            values["face_crop_aug_range"] = [float(v) for v in values["face_crop_aug_range"]]
         return SubsetConfig(table=table, **values)
 
     def choose_kind(self, subsets: list[SubsetConfig], table: str) -> DatasetKind:

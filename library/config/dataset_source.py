@@ -56,6 +56,8 @@ def dataset_fallbacks(values: Mapping[str, Any]) -> dict[str, Any]:
             value = values["caption_extention"]  # the old spelling counts where the new one is unset
         if ff.name == "resolution":
             value = parse_resolution(value)
+        if ff.name == "face_crop_aug_range":
+            value = parse_range(value, "--face_crop_aug_range")
         if value is not None:
             out[key] = value
     if values.get("prior_loss_weight") is not None:  # a training flag that is also a dataset key in sd-scripts
@@ -76,6 +78,19 @@ def parse_resolution(value: Any) -> Any:
         return numbers[0]
     if len(numbers) != 2:
         raise ConfigError(f"--resolution {value!r}: expected 'W,H' or one number, e.g. 1024,1024")
+    return numbers
+
+
+def parse_range(value: Any, name: str) -> Any:
+    """'low,high' (sd-scripts' string form of a range flag) as the dataset TOML's [low, high]."""
+    if value is None or isinstance(value, list):
+        return value
+    try:
+        numbers = [float(p) for p in str(value).split(",")]
+    except ValueError:
+        numbers = []
+    if len(numbers) != 2:
+        raise ConfigError(f"{name} {value!r}: expected 'low,high', e.g. 2.0,4.0")
     return numbers
 
 

@@ -12,6 +12,8 @@ class ValidationConfig:
 
     validate_every_n_steps: int | None = flag(None, "compute the validation loss every N steps")
     validate_every_n_epochs: int | None = flag(None, "compute the validation loss every N epochs")
+    max_validation_steps: int | None = flag(None, "use at most this many held-out batches per validation loss "
+                                                  "(default: all)")
     eval_every_n_steps: int | None = flag(None, "sample the prompts and score DINO / CLIP-I / CLIP-T against the "
                                                 "held-out images every N steps")
     eval_dino_model: str | None = flag(None, "local transformers folder of a DINO / DINOv2 ViT")

@@ -10,7 +10,9 @@ All randomness comes from the `rng` argument, so a caption is reproducible from 
 """
 from __future__ import annotations
 
+import math
 import random
+import re
 
 from library.data.types import SubsetConfig
 
@@ -24,10 +26,13 @@ def caption_ops_active(subset: SubsetConfig) -> bool:
         or subset.caption_dropout_rate > 0
         or subset.caption_dropout_every_n_epochs > 0
         or subset.caption_tag_dropout_rate > 0
+        or subset.enable_wildcard
+        or subset.token_warmup_step > 0
     )
 
 
-def process_caption(caption: str, subset: SubsetConfig, rng: random.Random, epoch: int) -> str:
+def process_caption(caption: str, subset: SubsetConfig, rng: random.Random, epoch: int,
+                    step: int | None = None, max_train_steps: int | None = None) -> str:
     """The caption the text encoder sees for this sample in this epoch (`epoch` counts from 0, as the loop does;
     caption_dropout_every_n_epochs = n empties captions in epochs n, 2n, ... counted from 1, as sd-scripts does)."""
     if subset.caption_prefix:
@@ -40,16 +45,48 @@ def process_caption(caption: str, subset: SubsetConfig, rng: random.Random, epoc
     if dropped or (every > 0 and (epoch + 1) % every == 0):
         return ""
 
-    caption = caption.split("\n")[0]
-    if not (subset.shuffle_caption or subset.caption_tag_dropout_rate > 0):
-        return caption
+    caption = expand_wildcards(caption, rng) if subset.enable_wildcard else caption.split("\n")[0]
+    warmup = warmup_steps(subset, max_train_steps)
+    if subset.shuffle_caption or subset.caption_tag_dropout_rate > 0 or warmup > 0:
+        fixed, free, tail = split_tokens(caption, subset)
+        if warmup > 0 and step is not None and step < warmup:
+            free = free[:warmup_token_count(len(free), subset.token_warmup_min, warmup, step)]
+        if subset.shuffle_caption:
+            rng.shuffle(free)
+        if subset.caption_tag_dropout_rate > 0:
+            free = [t for t in free if rng.random() >= subset.caption_tag_dropout_rate]
+        caption = JOINER.join(fixed + free + tail)
+    if subset.secondary_separator:
+        # tags joined by the secondary separator moved and dropped as one; now they become ordinary tags
+        caption = caption.replace(subset.secondary_separator, subset.caption_separator)
+    return caption
 
-    fixed, free, tail = split_tokens(caption, subset)
-    if subset.shuffle_caption:
-        rng.shuffle(free)
-    if subset.caption_tag_dropout_rate > 0:
-        free = [t for t in free if rng.random() >= subset.caption_tag_dropout_rate]
-    return JOINER.join(fixed + free + tail)
+
+def expand_wildcards(caption: str, rng: random.Random) -> str:
+    """enable_wildcard: one random line of a multi-line caption, then each `{a|b|c}` replaced by one of its
+    choices; `{{` and `}}` stand for literal braces."""
+    lines = caption.split("\n")
+    caption = rng.choice(lines) if len(lines) > 1 else caption
+    open_mark, close_mark = "\x00<", ">\x00"  # NUL never occurs in a caption file's text
+    caption = caption.replace("{{", open_mark).replace("}}", close_mark)
+    caption = re.sub(r"\{([^}]+)\}", lambda m: rng.choice(m.group(1).split("|")), caption)
+    return caption.replace(open_mark, "{").replace(close_mark, "}")
+
+
+def warmup_steps(subset: SubsetConfig, max_train_steps: int | None) -> int:
+    """token_warmup_step in steps: a value below 1 is a fraction of the run's steps (sd-scripts' rule)."""
+    value = subset.token_warmup_step
+    if value <= 0:
+        return 0
+    if value < 1:
+        return math.floor(value * max_train_steps) if max_train_steps else 0
+    return int(value)
+
+
+def warmup_token_count(n_free: int, minimum: int, warmup: int, step: int) -> int:
+    """How many free tags a caption keeps at `step` of a token warm-up: from `minimum` at step 0, growing linearly
+    to all of them at step `warmup`."""
+    return math.floor(step * ((n_free - minimum) / warmup)) + minimum
 
 
 def split_tokens(caption: str, subset: SubsetConfig) -> tuple[list[str], list[str], list[str]]:

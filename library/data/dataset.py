@@ -205,9 +205,14 @@ class TrainDataset:
         """From now on `load_batch` returns cached latents instead of pixels."""
         self._latents = cache
 
+    def set_progress(self, step: int | None, max_train_steps: int | None) -> None:
+        """The training step the next batches are for (token warm-up shows fewer tags in early steps)."""
+        self.current_step, self.max_train_steps = step, max_train_steps
+
     def _caption(self, index: int, epoch: int) -> str:
         item = self.items[index]
-        return process_caption(item.record.caption, item.subset, item_rng(self.seed, epoch, index, "caption"), epoch)
+        return process_caption(item.record.caption, item.subset, item_rng(self.seed, epoch, index, "caption"), epoch,
+                               getattr(self, "current_step", None), getattr(self, "max_train_steps", None))
 
     def _plan(self, index: int, epoch: int, augment: bool) -> _Plan:
         item, sub = self.items[index], self.items[index].subset
@@ -223,10 +228,11 @@ class TrainDataset:
     def _image_pixels(self, item: DatasetItem, plan: _Plan) -> tuple[np.ndarray, np.ndarray | None]:
         """The training image fitted to its bucket and augmented: uint8 RGB and an optional float alpha mask."""
         loaded = load_image(item.record.path, alpha_mask=item.subset.alpha_mask)
-        rgb = crop_at(resize_image(loaded.rgb, item.resized_size), plan.crop_top_left, item.bucket)
+        how = item.subset.resize_interpolation
+        rgb = crop_at(resize_image(loaded.rgb, item.resized_size, how), plan.crop_top_left, item.bucket)
         alpha = None
         if loaded.alpha is not None:
-            alpha = crop_at(resize_image(loaded.alpha, item.resized_size), plan.crop_top_left, item.bucket)
+            alpha = crop_at(resize_image(loaded.alpha, item.resized_size, how), plan.crop_top_left, item.bucket)
         if plan.hue_shift:
             rgb = shift_hue(np.ascontiguousarray(rgb), plan.hue_shift)
         if plan.flipped:

@@ -139,14 +139,26 @@ def image_size(path: str) -> tuple[int, int]:
     return width, height
 
 
-def resize_image(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize HxW[xC] `arr` to `size` (width, height): area averaging when shrinking (no aliasing), Lanczos when
-    enlarging (sharper than bilinear). Works for uint8 pixels and float32 masks alike."""
+# resize_interpolation names (sd-scripts' choices) -> OpenCV filters
+INTERPOLATIONS: dict[str, int] = {
+    "lanczos": cv2.INTER_LANCZOS4, "nearest": cv2.INTER_NEAREST_EXACT, "bilinear": cv2.INTER_LINEAR,
+    "linear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "cubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA,
+    "box": cv2.INTER_AREA,
+}
+
+
+def resize_image(arr: np.ndarray, size: tuple[int, int], interpolation_name: str | None = None) -> np.ndarray:
+    """Resize HxW[xC] `arr` to `size` (width, height): by default area averaging when shrinking (no aliasing),
+    Lanczos when enlarging (sharper than bilinear); a subset's resize_interpolation names another filter. Works for
+    uint8 pixels and float32 masks alike."""
     h, w = arr.shape[:2]
     if (w, h) == tuple(size):
         return arr
     shrinking = size[0] * size[1] <= w * h
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LANCZOS4
+    if interpolation_name is not None:
+        interpolation = INTERPOLATIONS[interpolation_name]
+    else:
+        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LANCZOS4
     out = cv2.resize(arr, tuple(int(s) for s in size), interpolation=interpolation)
     if out.dtype == np.float32:  # Lanczos overshoots; keep masks in [0, 1]
         out = np.clip(out, 0.0, 1.0)

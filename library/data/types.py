@@ -39,6 +39,13 @@ class SubsetConfig:
     cache_info: bool = False
     validation_split: float = 0.0
     validation_seed: int | None = None
+    secondary_separator: str | None = None  # joins tags that shuffle/drop as one; becomes caption_separator after
+    enable_wildcard: bool = False  # `{a|b}` choices and one random line of multi-line captions
+    token_warmup_min: int = 1  # free tags shown at step 0 of a token warm-up
+    token_warmup_step: float = 0.0  # steps of the warm-up (below 1: a fraction of the run's steps)
+    face_crop_aug_range: list[float] | None = None  # accepted; face crops need face boxes in the file names
+    resize_interpolation: str | None = None  # None: area when shrinking, Lanczos when enlarging
+    custom_attributes: dict | None = None  # free-form per-subset data kept for custom code
 
 
 @dataclass
@@ -55,6 +62,7 @@ class DatasetConfig:
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
     prior_loss_weight: float = 1.0  # loss weight of regularization (is_reg) images
+    network_multiplier: float = 1.0  # the network's strength while training on this dataset
     subsets: list[SubsetConfig] = field(default_factory=list)
 
 

@@ -42,6 +42,11 @@ def build_datasets(cfg: RunConfig, num_processes: int = 1, verbose: bool = True)
     for d in group.datasets:
         records = collect_records(d, group.source)
         datasets.append(TrainDataset(replace(d, batch_size=d.batch_size * num_processes), records, cfg.training.seed))
+    from library.data.debug_view import describe_datasets, warn_unsupported
+    warn_unsupported(datasets, cfg.dataset.dataset_class)
+    if cfg.dataset.debug_dataset:  # sd-scripts: show the dataset, then stop without training
+        print(describe_datasets(datasets))
+        raise SystemExit(0)
     if verbose:
         for ds in datasets:
             print(ds.format_bucket_histogram())

@@ -158,6 +158,8 @@ def build_session(cfg: RunConfig) -> Session:
     scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps)
     # only the optimizer goes through accelerate (mixed-precision scaling); the scheduler steps once per optimizer
     # step whatever the process count. --save_state writes both itself, without pickle (library/train/checkpoint.py)
+    for d in datasets:  # token warm-up counts steps against the whole run
+        d.set_progress(0, total_steps)
     optimizer = accelerator.prepare(optimizer)
     return Session(cfg, family, accelerator, models, network, datasets, optimizer, scheduler, text_cache,
                    weight_dtype, total_steps, batches_per_epoch, sharded)
@@ -196,7 +198,9 @@ class Trainer:
                              sample_weights=getattr(batch, "loss_weights", None))
 
     def _load(self, pb: PlannedBatch, indices: list[int]) -> Any:
-        return self.s.datasets[pb.dataset_index].load_batch(indices, self.state.epoch)
+        ds = self.s.datasets[pb.dataset_index]
+        ds.set_progress(self.state.global_step, getattr(ds, "max_train_steps", None))
+        return ds.load_batch(indices, self.state.epoch)
 
     def _micro_step(self, pb: PlannedBatch, micro: int) -> torch.Tensor:
         """This process's share of one global batch; returns the global mean loss (for logging)."""

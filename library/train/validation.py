@@ -22,21 +22,24 @@ def validation_loss(session: Any) -> float | None:
     net = s.network.module
     was_training = net.training
     net.eval()
+    limit = getattr(getattr(s.cfg, "validation", None), "max_validation_steps", None)
+    batches = [(ds, indices) for ds in s.datasets for indices in ds.validation_batches()]
+    if limit is not None and limit >= 0:
+        batches = batches[:limit]  # sd-scripts' --max_validation_steps: the first N held-out batches
     try:
-        for ds in s.datasets:
-            for indices in ds.validation_batches():
-                batch = ds.load_batch(indices, 0, augment=False)
-                gens = [step_generator(s.cfg.training.seed, VALIDATION_STEP, 0, i) for i in indices]
-                latents = batch_latents(s, batch, gens)
-                text = batch_text(s, batch, grad=False)
-                inp = s.family.noise_and_timesteps(latents, gens, s.cfg.training)
-                s.network.before_forward(batch)
-                with s.accelerator.autocast():
-                    pred = s.family.predict(s.models, inp, text, batch)
-                target = s.family.loss_target(s.models, latents, inp)
-                loss = masked_mse(pred, target, batch.alpha_masks, None)
-                total += loss.item() * len(indices)
-                count += len(indices)
+        for ds, indices in batches:
+            batch = ds.load_batch(indices, 0, augment=False)
+            gens = [step_generator(s.cfg.training.seed, VALIDATION_STEP, 0, i) for i in indices]
+            latents = batch_latents(s, batch, gens)
+            text = batch_text(s, batch, grad=False)
+            inp = s.family.noise_and_timesteps(latents, gens, s.cfg.training)
+            s.network.before_forward(batch)
+            with s.accelerator.autocast():
+                pred = s.family.predict(s.models, inp, text, batch)
+            target = s.family.loss_target(s.models, latents, inp)
+            loss = masked_mse(pred, target, batch.alpha_masks, None)
+            total += loss.item() * len(indices)
+            count += len(indices)
     finally:
         net.train(was_training)
     return total / count if count else None

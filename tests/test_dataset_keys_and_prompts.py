@@ -1,0 +1,152 @@
+"""sd-scripts dataset keys that used to be parsed and ignored (issue #15): caption wildcards, a secondary separator,
+token warm-up, resize filters, debug_dataset, dataset_class, max_validation_steps, and their flags."""
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_script, write_toml
+from library.config.dataset_schema import load_dataset_config
+from library.config.dataset_source import dataset_fallbacks
+from library.data.captions import caption_ops_active, process_caption, warmup_steps
+from library.data.images import resize_image
+from library.data.types import SubsetConfig
+from library.errors import ConfigError
+from test_train_sdxl_network import run_toml
+
+
+def subset(**kw) -> SubsetConfig:
+    return SubsetConfig(table="t", **kw)
+
+
+# ---- captions ------------------------------------------------------------------------------------------------------
+
+def test_wildcards_pick_each_choice_and_keep_escaped_braces():
+    sub = subset(enable_wildcard=True)
+    seen = {process_caption("a {red|blue} car, {{x}}", sub, random.Random(i), 0) for i in range(60)}
+    assert seen == {"a red car, {x}", "a blue car, {x}"}
+    assert caption_ops_active(sub)
+
+
+def test_wildcard_picks_one_line_of_a_multiline_caption_and_without_it_the_first_line_is_used():
+    lines = "first line\nsecond line\nthird line"
+    seen = {process_caption(lines, subset(enable_wildcard=True), random.Random(i), 0) for i in range(60)}
+    assert seen == {"first line", "second line", "third line"}
+    assert process_caption(lines, subset(), random.Random(0), 0) == "first line"
+    assert process_caption("{a|b}", subset(), random.Random(0), 0) == "{a|b}"  # off: left as written
+
+
+def test_secondary_separator_keeps_tags_together_then_becomes_the_separator():
+    sub = subset(shuffle_caption=True, secondary_separator=";;;")
+    for seed in range(20):
+        out = process_caption("sks;;;dog, red, blue, green", sub, random.Random(seed), 0)
+        tags = out.split(", ")
+        assert "sks,dog" in tags, out  # moved as one tag, then joined with caption_separator
+        assert sorted(tags) == sorted(["sks,dog", "red", "blue", "green"])
+    # also without shuffling
+    assert process_caption("a;;;b, c", subset(secondary_separator=";;;"), random.Random(0), 0) == "a,b, c"
+
+
+def test_token_warmup_grows_the_free_tags_from_min_to_all():
+    sub = subset(token_warmup_min=1, token_warmup_step=4, keep_tokens=1)
+    caption = "sks, a, b, c, d"
+    counts = [len(process_caption(caption, sub, random.Random(0), 0, step=s, max_train_steps=10).split(", "))
+              for s in range(6)]
+    # kept tag + floor(step * (4 - 1) / 4) + 1 free tags, all from step 4 on
+    assert counts == [2, 2, 3, 4, 5, 5]
+    assert process_caption(caption, sub, random.Random(0), 0, step=0).startswith("sks, a")  # order kept, no shuffle
+
+
+def test_token_warmup_below_one_is_a_fraction_of_the_run():
+    assert warmup_steps(subset(token_warmup_step=0.5), 10) == 5
+    assert warmup_steps(subset(token_warmup_step=3), 10) == 3
+    assert warmup_steps(subset(token_warmup_step=0), 10) == 0
+
+
+# ---- resize filters --------------------------------------------------------------------------------------------------
+
+def test_resize_interpolation_names_the_filter():
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    nearest = resize_image(arr, (32, 32), "nearest")
+    assert np.array_equal(nearest[::2, ::2], arr)  # nearest repeats pixels exactly
+    assert not np.array_equal(resize_image(arr, (32, 32)), nearest)  # default: Lanczos
+
+
+# ---- config keys and flags -------------------------------------------------------------------------------------------
+
+def dataset_toml(tmp_path: Path, body: str) -> str:
+    img = tmp_path / "img"
+    img.mkdir(exist_ok=True)
+    return write_toml(tmp_path / "d.toml", f"""
+[general]
+resolution = 64
+{body}
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = '{img}'
+""")
+
+
+def test_new_keys_reach_the_subset_and_dataset(tmp_path):
+    cfg = dataset_toml(tmp_path, """
+secondary_separator = ";;;"
+enable_wildcard = true
+token_warmup_min = 2
+token_warmup_step = 0.25
+face_crop_aug_range = [2.0, 4.0]
+resize_interpolation = "bicubic"
+network_multiplier = 0.5
+custom_attributes = { style = "ink" }
+""")
+    d = load_dataset_config(cfg).datasets[0]
+    s = d.subsets[0]
+    assert (s.secondary_separator, s.enable_wildcard, s.token_warmup_min, s.token_warmup_step) == (";;;", True, 2, 0.25)
+    assert s.face_crop_aug_range == [2.0, 4.0] and s.resize_interpolation == "bicubic"
+    assert s.custom_attributes == {"style": "ink"} and d.network_multiplier == 0.5
+
+
+@pytest.mark.parametrize("body, key", [('resize_interpolation = "sinc"', "resize_interpolation"),
+                                       ("face_crop_aug_range = 2.0", "face_crop_aug_range"),
+                                       ("token_warmup_min = -1", "token_warmup_min")])
+def test_bad_values_name_the_key(tmp_path, body, key):
+    with pytest.raises(ConfigError, match=key):
+        load_dataset_config(dataset_toml(tmp_path, body))
+
+
+def test_flags_fill_the_same_keys():
+    out = dataset_fallbacks({"secondary_separator": ";;;", "enable_wildcard": True, "token_warmup_min": 3,
+                             "token_warmup_step": 5.0, "face_crop_aug_range": "2.0,4.0",
+                             "resize_interpolation": "area"})
+    assert out["secondary_separator"] == ";;;" and out["enable_wildcard"] is True
+    assert out["token_warmup_min"] == 3 and out["token_warmup_step"] == 5.0
+    assert out["face_crop_aug_range"] == [2.0, 4.0] and out["resize_interpolation"] == "area"
+    with pytest.raises(ConfigError, match="face_crop_aug_range"):
+        dataset_fallbacks({"face_crop_aug_range": "2.0"})
+
+
+# ---- through the trainer ---------------------------------------------------------------------------------------------
+
+def test_debug_dataset_shows_the_captions_and_does_not_train(tmp_path, tiny_sdxl_file, shapes_dataset):
+    for txt in Path(shapes_dataset["image_dir"]).glob("*.txt"):
+        txt.write_text("a {red|blue} shape")
+    cfg = run_toml(tmp_path, tiny_sdxl_file, shapes_dataset["config"], debug_dataset=True, enable_wildcard=True,
+                   dataset_class="my.Dataset")
+    r = run_script("sdxl_train_network.py", "--config_file", cfg)
+    assert r.returncode == 0, r.stderr[-3000:]
+    captions = re.findall(r"caption: '([^']*)'", r.stdout)
+    assert len(captions) == 4 and set(captions) <= {"a red shape", "a blue shape"}, r.stdout
+    assert "--dataset_class my.Dataset" in r.stderr
+    assert not (tmp_path / "out" / "lora.safetensors").exists()
+
+
+def test_two_steps_with_warmup_wildcards_and_resize_filter(tmp_path, tiny_sdxl_file, shapes_dataset):
+    cfg = run_toml(tmp_path, tiny_sdxl_file, shapes_dataset["config"], enable_wildcard=True, token_warmup_step=2.0,
+                   secondary_separator=";;;", resize_interpolation="bilinear", max_validation_steps=1)
+    r = run_script("sdxl_train_network.py", "--config_file", cfg)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "out" / "lora.safetensors").exists()
