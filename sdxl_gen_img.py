@@ -6,7 +6,6 @@ a training set; every PNG carries its prompt, seed and settings (see docs/synthe
 """
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -17,11 +16,12 @@ from library.cli import run_main  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from library.sample.gen_args import build_parser, config_from_args
+    from library.sample.gen_args import build_parser, config_from_args, setup_gen_logging, warn_environment_flags
     from library.sample.sdxl_generate import run_generation
 
     args = build_parser(__doc__).parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    setup_gen_logging(args)
+    warn_environment_flags(args)
     paths = run_generation(config_from_args(args))
     print(f"{len(paths)} image(s) written to {args.outdir}")
     return 0

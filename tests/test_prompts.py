@@ -128,7 +128,7 @@ def test_empty_options_are_allowed():
         ("{3-1$$a|b|c}", 1, "bad range"),
         ("{1-2-3$$a|b}", 1, "bad range"),
         ("{a|{2--$$b|c}}", 4, "bad range"),
-        ("{e$$a|b}", 1, "enumeration"),
+        ("{e$$1$$, $$x$$a|b}", 11, "too many"),
     ],
 )
 def test_syntax_errors_report_position_and_caret(text, position, fragment):
@@ -290,3 +290,26 @@ def test_read_prompt_file_error_names_file_and_line(tmp_path):
     assert f"{path} line 3" in str(info.value) and info.value.position == 4
     with pytest.raises(UserError, match="does not exist"):
         read_prompt_file(tmp_path / "absent.txt")
+
+
+# ----------------------------------------------------------------------------------------------------- enumeration
+
+
+def test_enumeration_gives_every_combination_in_sd_scripts_order():
+    spec = parse_prompt_line("{e$$a|b} and {e$$1-2$$ + $$x|y} {p|q} --n {e$$n1|n2}")
+    expanded = spec.expand()
+    prompts = [(s.template.render(random.Random(0)), s.negative_template.render(random.Random(0))) for s in expanded]
+    bodies = [p.rsplit(" ", 1)[0] for p, _ in prompts]
+    assert bodies[::2] == ["a and x", "a and y", "a and x + y", "b and x", "b and y", "b and x + y"]
+    assert [n for _, n in prompts] == ["n1", "n2"] * 6
+    assert all(p.rsplit(" ", 1)[1] in ("p", "q") for p, _ in prompts)  # plain variants are still drawn
+    assert parse_prompt_line("{a|b} c").expand() == [parse_prompt_line("{a|b} c")]
+
+
+def test_enumeration_replaces_images_per_prompt_in_planning():
+    from library.sample.generation import GenerationConfig, plan_requests
+
+    c = GenerationConfig(model="m", outdir="o", width=64, height=64, images_per_prompt=5,
+                         prompts=[parse_prompt_line("{e$$red|green|blue} cube"), parse_prompt_line("{e$$one} ball")])
+    prompts = [r.prompt for r in plan_requests(c, None, 0)]
+    assert prompts == ["red cube", "green cube", "blue cube"] + ["one ball"] * 5

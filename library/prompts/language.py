@@ -22,6 +22,7 @@ from deep inside a regex.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import re
@@ -87,6 +88,22 @@ class Variant:
     hi: int | None = 1
     separator: str = DEFAULT_SEPARATOR
     position: int = 0
+    enumerate: bool = False  # ``{e$$...}``: every combination becomes its own prompt (see Template.expand)
+
+    def combinations(self) -> list["Template"]:
+        """Every pick this variant allows, in sd-scripts' order: by count ascending, then option order."""
+        n = len(self.options)
+        hi = n if self.hi is None else min(self.hi, n)
+        picks: list[Template] = []
+        for count in range(min(self.lo, hi), hi + 1):
+            for combo in itertools.combinations(self.options, count):
+                nodes: list[Node] = []
+                for i, option in enumerate(combo):
+                    if i:
+                        nodes.append(Literal(self.separator))
+                    nodes.extend(option.nodes)
+                picks.append(Template(tuple(nodes), self.separator.join(o.source for o in combo)))
+        return picks
 
 
 @dataclass(frozen=True)
@@ -120,6 +137,21 @@ class Template:
                 for option in node.options:
                     names |= option.wildcard_names()
         return names
+
+    @property
+    def enumerates(self) -> bool:
+        return any(isinstance(n, Variant) and (n.enumerate or any(o.enumerates for o in n.options))
+                   for n in self.nodes)
+
+    def expand(self) -> list["Template"]:
+        """sd-scripts' enumeration: one template per combination of the ``{e$$...}`` variants (the first variant
+        varies slowest); the other variants stay, to be drawn per image. A template without any gives [self]."""
+        for index, node in enumerate(self.nodes):
+            if isinstance(node, Variant) and node.enumerate:
+                head, tail = self.nodes[:index], self.nodes[index + 1:]
+                return [expanded for pick in node.combinations()
+                        for expanded in Template(head + pick.nodes + tail, self.source).expand()]
+        return [self]
 
     def render(self, rng: random.Random, wildcards: "WildcardSet | None" = None) -> str:
         """Draw one prompt. All randomness comes from `rng`, so a seeded rng gives a reproducible prompt."""
@@ -213,7 +245,8 @@ class _Parser:
 
     def _variant(self, open_pos: int, depth: int) -> tuple[Variant, int]:
         pos, segments = self._header(open_pos + 1)
-        lo, hi, separator = self._interpret_header(segments)
+        enumerate_ = bool(segments) and segments[0][1] in ("e", "E")
+        lo, hi, separator = self._interpret_header(segments[1:] if enumerate_ else segments)
         options: list[Template] = []
         while True:
             option, pos = self._sequence(pos, depth + 1)
@@ -221,13 +254,13 @@ class _Parser:
             if pos >= self.end:
                 raise self.error("unbalanced brace: '{' is never closed", open_pos)
             if self.text[pos] == "}":
-                return Variant(tuple(options), lo, hi, separator, open_pos), pos + 1
+                return Variant(tuple(options), lo, hi, separator, open_pos, enumerate_), pos + 1
             pos += 1  # past '|'
 
     def _header(self, pos: int) -> tuple[int, list[tuple[int, str]]]:
-        """Collect up to two ``xxx$$`` prefixes (count, separator) that hold no brace or bar."""
+        """Collect up to three ``xxx$$`` prefixes (e, count, separator) that hold no brace or bar."""
         segments: list[tuple[int, str]] = []
-        while len(segments) < 2:
+        while len(segments) < 4:  # one more than allowed, to report it
             scan = pos
             while scan < self.end and self.text[scan] not in "{}|" and not self.text.startswith("$$", scan):
                 scan += 1
@@ -242,8 +275,8 @@ class _Parser:
         if not segments:
             return 1, 1, DEFAULT_SEPARATOR
         first_pos, first = segments[0]
-        if first in ("e", "E"):
-            raise self.error("enumeration ('e$$') is not supported: every image draws its own variants", first_pos)
+        if len(segments) > 2:
+            raise self.error("too many '$$' parts (expected [e$$][count$$][separator$$])", segments[2][0])
         if len(segments) == 1 and first and not re.fullmatch(r"[\d-]+", first):
             return 1, 1, first  # a separator only, e.g. "{ and $$a|b}"
         lo, hi = self._count(first_pos, first)
@@ -394,6 +427,7 @@ class PromptSpec:
     crop_top: int | None = None
     crop_left: int | None = None
     filename: str | None = None
+    clip_prompt: str | None = None
     control_image: str | None = None
     raw: str = ""
     line_no: int | None = None
@@ -407,6 +441,15 @@ class PromptSpec:
         if self.seeds and image_index < len(self.seeds):
             return self.seeds[image_index]
         return None
+
+    def expand(self) -> list["PromptSpec"]:
+        """One spec per combination of the line's ``{e$$...}`` variants (prompt first, then negative prompt), as
+        sd-scripts enumerates them over the whole line; [self] when the line enumerates nothing."""
+        prompts = self.template.expand()
+        negatives = self.negative_template.expand() if self.negative_template is not None else [None]
+        if len(prompts) == 1 and len(negatives) == 1:
+            return [self]
+        return [replace(self, template=p, negative_template=n) for p in prompts for n in negatives]
 
     def render(self, rng: random.Random, wildcards: WildcardSet | None = None) -> RenderedPrompt:
         """Draw the prompt and the negative prompt for one image (the negative prompt is a template too)."""
@@ -473,6 +516,7 @@ PROMPT_OPTIONS: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "ct": ("crop_top", _int_value(0), "a crop top (SDXL crop conditioning)"),
     "cl": ("crop_left", _int_value(0), "a crop left (SDXL crop conditioning)"),
     "f": ("filename", str, "an output file name"),
+    "c": ("clip_prompt", str, "a CLIP prompt (recorded in the PNG; SDXL has no separate CLIP prompt)"),
     "cn": ("control_image", str, "a control (guide) image path for ControlNet-LLLite"),
 }
 

@@ -5,6 +5,7 @@ One function per concern adds an argument group, so another generation script ca
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Sequence
 
 from library.errors import UserError
@@ -14,6 +15,7 @@ from library.sample.controlnets import ControlNetSpec, specs_from_flags
 from library.sample.generation import GenerationConfig, LLLiteSpec, NetworkSpec
 
 DEFAULT_NETWORK_MODULE = "networks.lora"
+DEFAULT_SIZE = 1024  # --W / --H when not given (sd-scripts' SDXL default)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -26,6 +28,53 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bf16", action="store_true", help="run the models in bfloat16")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--sdpa", action="store_true", help="PyTorch SDPA attention (the default; accepted for sd-scripts)")
+    g.add_argument("--no_half_vae", action="store_true", help="decode with the VAE in float32 under --fp16/--bf16")
+
+
+def add_environment_args(p: argparse.ArgumentParser) -> None:
+    """sd-scripts' speed/memory switches that do not change the images; accepted so that their command lines run,
+    with one warning each (see `warn_environment_flags`)."""
+    g = p.add_argument_group("accepted for sd-scripts compatibility (no effect here)")
+    g.add_argument("--xformers", action="store_true", help="no effect: PyTorch SDPA attention is always used")
+    g.add_argument("--diffusers_xformers", action="store_true", help="no effect: PyTorch SDPA attention is used")
+    g.add_argument("--opt_channels_last", action="store_true", help="no effect: memory layout is left to PyTorch")
+    g.add_argument("--vae_slices", type=int, default=None, help="no effect: use --vae_batch_size to bound memory")
+    g.add_argument("--no_preview", action="store_true", help="no effect: images are never previewed")
+    g.add_argument("--network_pre_calc", action="store_true",
+                   help="no effect on the images: networks are applied as hooks (or merged with --network_merge)")
+    g.add_argument("--console_log_level", type=str, default=None,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], help="log level (default INFO)")
+    g.add_argument("--console_log_file", type=str, default=None, help="also write the log to this file")
+    g.add_argument("--console_log_simple", action="store_true", help="plain log lines (they always are here)")
+
+
+def setup_gen_logging(args: argparse.Namespace) -> None:
+    """INFO lines on the console unless --console_log_level says otherwise; --console_log_file gets them too."""
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if getattr(args, "console_log_file", None):
+        handlers.append(logging.FileHandler(args.console_log_file, encoding="utf-8"))
+    level = getattr(logging, getattr(args, "console_log_level", None) or "INFO")
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s", handlers=handlers, force=True)
+
+
+# flag -> why it has no effect here; `--no_preview` is silent (we never preview, so it is simply true)
+ENVIRONMENT_ONLY = {
+    "xformers": "PyTorch SDPA attention is always used",
+    "diffusers_xformers": "PyTorch SDPA attention is always used",
+    "opt_channels_last": "the memory layout is left to PyTorch",
+    "vae_slices": "the VAE decodes whole images; bound its memory with --vae_batch_size",
+    "clip_skip": "SDXL always uses the penultimate layer of both text encoders, as sd-scripts' SDXL generator does",
+    "network_pre_calc": "networks are applied as hooks (or merged with --network_merge); the images are the same",
+}
+
+
+def warn_environment_flags(args: argparse.Namespace, log: logging.Logger | None = None) -> list[str]:
+    """One warning per given environment-only flag (it does not change the run); returns the flags warned about."""
+    log = log or logging.getLogger(__name__)
+    given = [name for name in ENVIRONMENT_ONLY if getattr(args, name, None) not in (None, False)]
+    for name in given:
+        log.warning("--%s has no effect here (%s); continuing", name, ENVIRONMENT_ONLY[name])
+    return given
 
 
 def add_prompt_args(p: argparse.ArgumentParser) -> None:
@@ -36,15 +85,29 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wildcards", action="append", default=[], metavar="DIR",
                    help="folder of __name__ wildcard files (repeatable)")
     g.add_argument("--n_iter", type=int, default=1, help="passes over all prompts")
+
+
+def add_text_encoding_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("prompt encoding (SDXL)")
+    g.add_argument("--max_embeddings_multiples", type=int, default=None,
+                   help="prompts up to 75 x N tokens, encoded in chunks of 75 (sd-scripts' long prompts)")
+    g.add_argument("--clip_skip", type=int, default=None,
+                   help="no effect with SDXL: both text encoders' penultimate layers are used (as in sd-scripts)")
     g.add_argument("--images_per_prompt", type=int, default=1, help="images per prompt line and pass")
 
 
 def add_image_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("image")
-    g.add_argument("--W", type=int, default=1024, help="width in pixels (multiple of 8)")
-    g.add_argument("--H", type=int, default=1024, help="height in pixels (multiple of 8)")
+    g.add_argument("--W", type=int, default=None, help=f"width in pixels (multiple of 8; default {DEFAULT_SIZE})")
+    g.add_argument("--H", type=int, default=None, help=f"height in pixels (multiple of 8; default {DEFAULT_SIZE})")
     g.add_argument("--original_width", type=int, default=None, help="SDXL size conditioning (default: --W)")
     g.add_argument("--original_height", type=int, default=None, help="SDXL size conditioning (default: --H)")
+    g.add_argument("--original_width_negative", type=int, default=None,
+                   help="SDXL size conditioning of the negative prompt (default: --original_width)")
+    g.add_argument("--original_height_negative", type=int, default=None,
+                   help="SDXL size conditioning of the negative prompt (default: --original_height)")
+    g.add_argument("--crop_top", type=int, default=None, help="SDXL crop conditioning, top (default 0)")
+    g.add_argument("--crop_left", type=int, default=None, help="SDXL crop conditioning, left (default 0)")
     g.add_argument("--steps", type=int, default=50, help="denoising steps")
     g.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
     g.add_argument("--sampler", default="ddim", help="sampler: " + ", ".join(SAMPLER_NAMES))
@@ -55,9 +118,19 @@ def add_image_args(p: argparse.ArgumentParser) -> None:
 
 def add_batch_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("batching and output")
-    g.add_argument("--outdir", required=True, help="folder for the PNGs")
+    g.add_argument("--outdir", default="outputs", help="folder for the PNGs (default: outputs)")
     g.add_argument("--batch_size", type=int, default=1)
-    g.add_argument("--vae_batch_size", type=int, default=None, help="images per VAE decode (default: the batch)")
+    g.add_argument("--vae_batch_size", type=float, default=None,
+                   help="images per VAE decode (default: the batch); below 1: that fraction of --batch_size")
+
+
+def add_naming_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("file names and seeds")
+    g.add_argument("--sequential_file_name", action="store_true", help="name the images im_000001.png, ...")
+    g.add_argument("--use_original_file_name", action="store_true",
+                   help="img2img: name each image after its init image (<name>.png)")
+    g.add_argument("--iter_same_seed", action="store_true",
+                   help="every image of one --n_iter pass uses the same seed (unless its prompt gives --d)")
 
 
 def add_network_args(p: argparse.ArgumentParser) -> None:
@@ -66,6 +139,9 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--network_weights", nargs="*", default=None, help="network files")
     g.add_argument("--network_mul", nargs="*", type=float, default=None, help="multiplier per network")
     g.add_argument("--network_merge", action="store_true", help="merge networks into the weights")
+    g.add_argument("--network_merge_n_models", type=int, default=None,
+                   help="merge the first N networks into the weights, hook the others (for their --am)")
+    g.add_argument("--network_show_meta", action="store_true", help="print the metadata of each network file")
 
 
 def add_lllite_args(p: argparse.ArgumentParser) -> None:
@@ -76,7 +152,7 @@ def add_lllite_args(p: argparse.ArgumentParser) -> None:
 
 def add_controlnet_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("ControlNets (see docs/controlnets.md)")
-    g.add_argument("--guide_image_path", nargs="+", default=None,
+    g.add_argument("--guide_image_path", nargs="*", default=None,
                    help="guide image or folder of them (cycled over images): one for all, or one per ControlNet "
                         "input (a union model with several --control_net_types takes one per type)")
     g.add_argument("--control_net_models", nargs="*", default=None,
@@ -91,7 +167,7 @@ def add_controlnet_args(p: argparse.ArgumentParser) -> None:
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, allow_abbrev=False)
     for add in (add_model_args, add_prompt_args, add_image_args, add_batch_args, add_network_args, add_lllite_args,
-                add_controlnet_args):
+                add_controlnet_args, add_naming_args, add_text_encoding_args, add_environment_args):
         add(p)
     return p
 
@@ -149,7 +225,14 @@ def config_from_args(args: argparse.Namespace) -> GenerationConfig:
             raise exc.with_location("--negative_prompt") from None
     return GenerationConfig(
         model=args.ckpt, outdir=args.outdir, prompts=_prompts(args), negative_prompt=negative,
-        width=args.W, height=args.H, original_width=args.original_width, original_height=args.original_height,
+        width=args.W or DEFAULT_SIZE, height=args.H or DEFAULT_SIZE, original_width=args.original_width,
+        original_height=args.original_height, original_width_negative=args.original_width_negative,
+        original_height_negative=args.original_height_negative, crop_top=args.crop_top or 0,
+        crop_left=args.crop_left or 0, no_half_vae=args.no_half_vae,
+        sequential_file_name=args.sequential_file_name, use_original_file_name=args.use_original_file_name,
+        iter_same_seed=args.iter_same_seed, network_merge_n_models=args.network_merge_n_models,
+        network_show_meta=args.network_show_meta,
+        max_embeddings_multiples=getattr(args, "max_embeddings_multiples", None),
         steps=args.steps, scale=args.scale, seed=args.seed, n_iter=args.n_iter,
         images_per_prompt=args.images_per_prompt, batch_size=args.batch_size, vae_batch_size=args.vae_batch_size,
         sampler=args.sampler, wildcard_dirs=tuple(args.wildcards), device=args.device,

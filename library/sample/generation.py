@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from library.errors import ModelLoadError, UserError
 from library.prompts.language import PromptSpec, Template, WildcardSet
+from library.prompts.weighting import has_attention_syntax
 from library.prompts.png_metadata import GenerationInfo, save_png_with_info
 from library.prompts.samplers import canonical_sampler_name
 from library.sample.controlnets import ControlNetSpec
@@ -92,6 +93,23 @@ class GenerationConfig:
     tokenizer_cache_dir: str | None = None
     allow_pickle: bool = False
     controlnets: list[ControlNetSpec] = field(default_factory=list)
+    no_half_vae: bool = False
+    crop_top: int = 0
+    crop_left: int = 0
+    original_width_negative: int | None = None
+    original_height_negative: int | None = None
+    sequential_file_name: bool = False
+    use_original_file_name: bool = False
+    iter_same_seed: bool = False
+    network_merge_n_models: int | None = None
+    network_show_meta: bool = False
+    max_embeddings_multiples: int | None = None  # None: 75 tokens, and the pipeline's own encoding for plain prompts
+
+    def __post_init__(self) -> None:
+        # sd-scripts' --vae_batch_size is a float: below 1 it is a fraction of --batch_size
+        if self.vae_batch_size is not None and not isinstance(self.vae_batch_size, int):
+            value = float(self.vae_batch_size)
+            self.vae_batch_size = max(1, int(self.batch_size * value)) if 0 < value < 1 else int(value)
 
 
 @dataclass(frozen=True)
@@ -108,6 +126,9 @@ class ImageRequest:
     scale: float
     original_size: tuple[int, int]  # (width, height)
     crop: tuple[int, int] = (0, 0)  # (top, left)
+    negative_original_size: tuple[int, int] | None = None  # (width, height); None: the same as original_size
+    clip_prompt: str | None = None  # sd-scripts' --c: recorded in the PNG only (SDXL has no separate CLIP prompt)
+    weighted: bool = False  # encode with attention weights / long prompts (library.sample.long_prompt)
     network_muls: tuple[float, ...] | None = None
     control_image: str | None = None
     init_image: str | None = None
@@ -120,7 +141,8 @@ class ImageRequest:
         Whether a negative prompt exists is part of the key: SDXL uses zero embeddings for "no negative prompt" but
         encodes "" when other images of the batch have one, which would change the image.
         """
-        return (self.width, self.height, self.steps, self.scale, self.original_size, self.crop, self.network_muls,
+        return (self.width, self.height, self.steps, self.scale, self.original_size, self.crop,
+                self.negative_original_size, self.network_muls, self.weighted,
                 self.negative_prompt is None, self.control_image is None, self.init_image is None, self.strength,
                 self.controlnet_images is None)
 
@@ -162,6 +184,8 @@ def check_common(config: GenerationConfig) -> None:
                         ("--images_per_prompt", config.images_per_prompt), ("--steps", config.steps)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
+    if config.max_embeddings_multiples is not None and config.max_embeddings_multiples < 1:
+        raise UserError(f"--max_embeddings_multiples must be at least 1, got {config.max_embeddings_multiples}")
     if config.vae_batch_size is not None and config.vae_batch_size < 1:
         raise UserError(f"--vae_batch_size must be at least 1, got {config.vae_batch_size}")
     if not config.prompts:
@@ -172,6 +196,8 @@ def check_common(config: GenerationConfig) -> None:
         raise UserError(f"unknown precision '{config.dtype}'")
     if config.strength is not None and not 0.0 <= config.strength <= 1.0:
         raise UserError(f"--strength must be between 0 and 1, got {config.strength}")
+    if config.network_merge_n_models is not None and config.network_merge_n_models < 0:
+        raise UserError(f"--network_merge_n_models must be at least 0, got {config.network_merge_n_models}")
     for spec in config.networks:
         if not os.path.isfile(spec.weights):
             raise ModelLoadError(f"--network_weights '{spec.weights}': no such file")
@@ -205,19 +231,25 @@ def plan_requests(config: GenerationConfig, wildcards: WildcardSet | None, base_
     cn_guides = [[list_images(g, "--guide_image_path") for g in spec.guides] for spec in config.controlnets]
     requests: list[ImageRequest] = []
     per_line_count: dict[int, int] = {}
-    for _ in range(config.n_iter):
-        for line_index, spec in enumerate(config.prompts):
-            for _ in range(config.images_per_prompt):
+    for iteration in range(config.n_iter):
+        # --iter_same_seed: one seed per pass over the prompts, shared by every image without its own --d
+        iter_seed = derive_seed(base_seed, iteration, "iteration") if config.iter_same_seed else None
+        for line_index, line in enumerate(config.prompts):
+            # sd-scripts: a line with {e$$...} gives one image per combination instead of --images_per_prompt
+            expanded = line.expand()
+            specs = expanded if len(expanded) > 1 else [line] * config.images_per_prompt
+            for spec in specs:
                 k = len(requests)
                 j = per_line_count.get(line_index, 0)
                 per_line_count[line_index] = j + 1
-                requests.append(_request(config, spec, k, j, base_seed, wildcards, guides, inits, cn_guides))
+                requests.append(_request(config, spec, k, j, base_seed, wildcards, guides, inits, cn_guides,
+                                         iter_seed))
     return requests
 
 
 def _request(config: GenerationConfig, spec: PromptSpec, k: int, j: int, base_seed: int,
              wildcards: WildcardSet | None, guides: list[str], inits: list[str],
-             cn_guides: Sequence[Sequence[list[str]]] = ()) -> ImageRequest:
+             cn_guides: Sequence[Sequence[list[str]]] = (), iter_seed: int | None = None) -> ImageRequest:
     rng = random.Random(derive_seed(base_seed, k, "prompt"))
     drawn = spec.render(rng, wildcards)
     negative = drawn.negative_prompt
@@ -247,6 +279,15 @@ def _request(config: GenerationConfig, spec: PromptSpec, k: int, j: int, base_se
         strength = spec.strength if spec.strength is not None else (
             config.strength if config.strength is not None else DEFAULT_STRENGTH)
     seed = spec.seed_for(j)
+    if seed is None:
+        seed = iter_seed
+    original_size = (spec.original_width or config.original_width or width,
+                     spec.original_height or config.original_height or height)
+    negative_original = (spec.original_width_negative or config.original_width_negative,
+                         spec.original_height_negative or config.original_height_negative)
+    negative_original_size = None
+    if any(negative_original):
+        negative_original_size = (negative_original[0] or original_size[0], negative_original[1] or original_size[1])
     return ImageRequest(
         index=k,
         prompt=drawn.prompt,
@@ -256,9 +297,13 @@ def _request(config: GenerationConfig, spec: PromptSpec, k: int, j: int, base_se
         height=height,
         steps=spec.steps or config.steps,
         scale=spec.scale if spec.scale is not None else config.scale,
-        original_size=(spec.original_width or config.original_width or width,
-                       spec.original_height or config.original_height or height),
-        crop=(spec.crop_top or 0, spec.crop_left or 0),
+        original_size=original_size,
+        crop=(spec.crop_top if spec.crop_top is not None else config.crop_top,
+              spec.crop_left if spec.crop_left is not None else config.crop_left),
+        negative_original_size=negative_original_size,
+        clip_prompt=spec.clip_prompt,
+        weighted=config.max_embeddings_multiples is not None or has_attention_syntax(drawn.prompt)
+        or has_attention_syntax(negative or ""),
         network_muls=spec.network_muls,
         control_image=control,
         init_image=init,
@@ -290,12 +335,17 @@ class AttachedNetworks:
     def __init__(self, vae: torch.nn.Module, text_encoders: list[torch.nn.Module], denoiser: torch.nn.Module,
                  config: GenerationConfig, device: torch.device, dtype: torch.dtype):
         self.networks: list[Any] = []
+        self.positions: list[int] = []  # index in config.networks of each hooked network (merged ones are not)
         self.default_muls = [spec.multiplier for spec in config.networks]
-        for spec in config.networks:
+        merge_n = len(config.networks) if config.network_merge else (config.network_merge_n_models or 0)
+        for position, spec in enumerate(config.networks):
+            if config.network_show_meta:
+                log_network_metadata(spec.weights)
             network = attach_network_file(spec.module, spec.weights, spec.multiplier, vae, text_encoders, denoiser,
-                                          config.network_merge, device, dtype)
+                                          position < merge_n, device, dtype)
             if network is not None:  # None: merged into the weights
                 self.networks.append(network)
+                self.positions.append(position)
         from networks import control_net_lllite
 
         self.lllites = []
@@ -307,7 +357,7 @@ class AttachedNetworks:
 
     def set_multipliers(self, muls: Sequence[float] | None) -> None:
         """Per-prompt --am multipliers (missing ones fall back to --network_mul)."""
-        for i, network in enumerate(self.networks):
+        for network, i in zip(self.networks, self.positions):
             mul = muls[i] if muls is not None and i < len(muls) else self.default_muls[i]
             network.set_multiplier(mul)
 
@@ -316,6 +366,21 @@ class AttachedNetworks:
         """Embed the guide images once for the whole batch (all denoising steps reuse the embedding)."""
         for lllite in self.lllites:
             lllite.set_cond_image(cond)
+
+
+def log_network_metadata(path: str) -> None:
+    """--network_show_meta: the training metadata stored in a .safetensors network (nothing for other formats)."""
+    if not path.endswith(".safetensors"):
+        logger.info("%s: no metadata (not a .safetensors file)", path)
+        return
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+    logger.info("metadata of %s: %s", path, metadata or "(none)")
+    print(f"metadata of {path}:")
+    for key in sorted(metadata):
+        print(f"  {key}: {metadata[key]}")
 
 
 # ----------------------------------------------------------------------------------------------------- images
@@ -372,16 +437,36 @@ def controlnet_images(batch: Sequence[ImageRequest], size: tuple[int, int], load
             for net in loaded]
 
 
+def output_stem(config: GenerationConfig, req: ImageRequest, run_stamp: str) -> str:
+    """The PNG's name without extension: sd-scripts' --use_original_file_name (img2img: the init image's name),
+    --sequential_file_name (im_000001, counting images from 1), or im_<run>_<index>_<seed>."""
+    if config.use_original_file_name and req.init_image:
+        return Path(req.init_image).stem
+    if config.sequential_file_name:
+        return f"im_{req.index + 1:06d}"
+    return f"im_{run_stamp}_{req.index:06d}_{req.seed}"
+
+
 def save_request_png(config: GenerationConfig, req: ImageRequest, image: Image.Image, run_stamp: str,
                      sampler: str, extra: dict[str, str] | None = None) -> Path:
     """Write one image as `im_<run>_<index>_<seed>.png` with its prompt and settings in the PNG text chunks."""
     outdir = Path(config.outdir)
-    path = outdir / f"im_{run_stamp}_{req.index:06d}_{req.seed}.png"
+    stem = output_stem(config, req, run_stamp)
+    path = outdir / f"{stem}.png"
     suffix = 1
-    while path.exists():  # a second run in the same second: never overwrite
-        path = outdir / f"im_{run_stamp}_{req.index:06d}_{req.seed}_{suffix}.png"
+    while path.exists():  # a second run in the same second (or a reused name): never overwrite
+        path = outdir / f"{stem}_{suffix}.png"
         suffix += 1
     extra = dict(extra or {})
+    if req.crop != (0, 0):
+        extra["crop_top"], extra["crop_left"] = str(req.crop[0]), str(req.crop[1])
+    if req.original_size != (req.width, req.height):
+        extra["original_width"], extra["original_height"] = str(req.original_size[0]), str(req.original_size[1])
+    if req.negative_original_size is not None:
+        extra["original_width_negative"] = str(req.negative_original_size[0])
+        extra["original_height_negative"] = str(req.negative_original_size[1])
+    if req.clip_prompt is not None:
+        extra["clip_prompt"] = req.clip_prompt
     if req.control_image:
         extra["guide_image"] = req.control_image
     if req.controlnet_images:

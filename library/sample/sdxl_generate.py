@@ -18,6 +18,7 @@ from library.errors import ModelLoadError, UserError
 from library.families.sdxl import SDXLFamily
 from library.prompts.samplers import canonical_sampler_name
 from library.sample.controlnets import build_sdxl_pipeline, check_specs, load_controlnets, sdxl_call_kwargs
+from library.sample.long_prompt import encode_sdxl_prompts
 from library.sample.generation import (
     DTYPES, SEED_RANGE, AttachedNetworks, GenerationConfig, ImageProgress, ImageRequest, check_common,
     controlnet_images, images_to_tensor, initial_noise, load_rgb, load_wildcards, make_batches, move_model,
@@ -56,8 +57,8 @@ class SDXLGenerator:
         self.config = config
         self.device = device
         self.dtype = DTYPES[config.dtype]
-        # SDXL's VAE overflows in fp16: decode in fp32 then (bf16 has the range)
-        self.vae_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
+        # SDXL's VAE overflows in fp16: decode in fp32 then (bf16 has the range); --no_half_vae: always fp32
+        self.vae_dtype = torch.float32 if self.dtype == torch.float16 or config.no_half_vae else self.dtype
         for model in (models.unet, models.text_encoder1, models.text_encoder2):
             move_model(model, device, self.dtype)
         move_model(models.vae, device, self.vae_dtype)
@@ -117,8 +118,15 @@ class SDXLGenerator:
             original_size=(first.original_size[1], first.original_size[0]),
             target_size=(first.height, first.width),
             crops_coords_top_left=first.crop,
+            # sd-scripts conditions the negative prompt on the same crop and target size, and on
+            # --original_width_negative/--original_height_negative (--nw/--nh) when given
+            negative_original_size=_hw(first.negative_original_size or first.original_size),
+            negative_crops_coords_top_left=first.crop,
+            negative_target_size=(first.height, first.width),
             output_type="latent",
         )
+        if first.weighted:
+            kwargs.update(self._embeds(batch))
         if first.init_image is not None:
             init = [load_rgb(r.init_image, size) for r in batch]
             self.progress.show_steps(self.img2img)
@@ -135,6 +143,15 @@ class SDXLGenerator:
         self.networks.set_control(None)
         return self._decode(latents)
 
+    def _embeds(self, batch: Sequence[ImageRequest]) -> dict[str, Any]:
+        """sd-scripts' weighted, chunked prompt encoding, in place of the pipeline's prompt text."""
+        models = self.models
+        embeds = encode_sdxl_prompts(
+            [models.tokenizer1, models.tokenizer2], [models.text_encoder1, models.text_encoder2],
+            [r.prompt for r in batch], [r.negative_prompt or "" for r in batch],
+            self.config.max_embeddings_multiples or 1, self.device)
+        return dict(prompt=None, negative_prompt=None, **embeds.as_kwargs())
+
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
         vae = move_model(self.models.vae, self.device, self.vae_dtype)  # img2img may have cast it while encoding
         chunk = self.config.vae_batch_size or latents.shape[0]
@@ -148,6 +165,11 @@ class SDXLGenerator:
 
     def _save(self, req: ImageRequest, image: Image.Image) -> Path:
         return save_request_png(self.config, req, image, self.run_stamp, self.sampler)
+
+
+def _hw(size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) as diffusers' (height, width)."""
+    return size[1], size[0]
 
 
 def run_generation(config: GenerationConfig) -> list[Path]:
