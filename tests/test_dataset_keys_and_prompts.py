@@ -150,3 +150,118 @@ def test_two_steps_with_warmup_wildcards_and_resize_filter(tmp_path, tiny_sdxl_f
     r = run_script("sdxl_train_network.py", "--config_file", cfg)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "out" / "lora.safetensors").exists()
+
+
+# ---- sample-prompt files (.txt / .toml / .json as sd-scripts reads them) ------------------------------------------------
+
+from library.errors import UserError  # noqa: E402
+from library.prompts.prompt_files import read_training_prompts  # noqa: E402
+from library.train.sampling import check_prompt_file, requests_from_prompt_file  # noqa: E402
+
+PROMPT_TOML = """
+[prompt]
+width = 64
+height = 64
+sample_steps = 2
+negative_prompt = "blurry"
+
+  [[prompt.subset]]
+  prompt = "a red [circle] {not|a|template}"
+  seed = 7
+  scale = 5.5
+
+  [[prompt.subset]]
+  prompt = "a blue square"
+  width = 96
+  sample_sampler = "euler_a"
+  guidance_scale = 3.5
+"""
+
+
+def test_toml_prompt_file_is_read_as_tables_not_lines(tmp_path):
+    path = write_toml(tmp_path / "p.toml", PROMPT_TOML)
+    reqs = requests_from_prompt_file(path, (32, 32), seed=100)
+    assert [r.prompt for r in reqs] == ["a red [circle] {not|a|template}", "a blue square"]  # literal, as sd-scripts
+    assert [(r.width, r.height, r.steps, r.negative_prompt) for r in reqs] == [(64, 64, 2, "blurry"),
+                                                                                 (96, 64, 2, "blurry")]
+    assert (reqs[0].seed, reqs[0].scale) == (7, 5.5)
+    assert reqs[1].seed == 101  # no seed: base seed + index
+    assert reqs[1].extras == {"sampler": "euler_a", "guidance_scale": 3.5}
+
+
+def test_json_prompt_file_takes_tables_and_lines(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text('[{"prompt": "a cat", "width": 64, "height": 64, "sample_steps": 3, "seed": 1},'
+                    ' "a dog --w 64 --h 96 --s 2 --d 3 --ss ddim --g 2.5 --l 4"]')
+    reqs = requests_from_prompt_file(str(path), (32, 32), seed=0)
+    assert [(r.prompt, r.width, r.height, r.steps, r.seed) for r in reqs] == [("a cat", 64, 64, 3, 1),
+                                                                             ("a dog", 64, 96, 2, 3)]
+    assert reqs[1].scale == 4.0 and reqs[1].extras == {"sampler": "ddim", "guidance_scale": 2.5}
+
+
+def test_text_lines_take_the_training_only_options(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("# comment\na {red|blue} ball --n ugly --ss k_euler --g 3 --ctr 0.25 --rcfg 1 --fs 3 --w 64\n")
+    (entry,) = read_training_prompts(path)
+    assert entry.sampler == "k_euler" and entry.guidance_scale == 3.0 and entry.spec.width == 64
+    assert entry.spec.negative_template.source == "ugly"
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("p.toml", '[prompt]\nwidth = 64\n', "[[prompt.subset]]"),
+    ("p.toml", '[[prompt.subset]]\nprompt = "x"\nwidht = 64\n', "unknown key 'widht'"),
+    ("p.toml", '[[prompt.subset]]\nprompt = "x"\nsample_steps = "many"\n', "sample_steps"),
+    ("p.toml", '[[prompt.subset]]\nwidth = 64\n', "no 'prompt'"),
+    ("p.json", '{"prompt": "x"}', "JSON list"),
+    ("p.json", '[{"prompt": "x", "seed": -1}]', "item 1"),
+    ("p.txt", "a cat --g lots\n", "line 1"),
+    ("p.txt", "a cat --zz 3\n", "--zz"),
+])
+def test_bad_prompt_files_are_one_message_naming_the_entry(tmp_path, name, content, expected):
+    path = tmp_path / name
+    path.write_text(content)
+    problems = check_prompt_file(str(path), 0)
+    assert len(problems) == 1 and expected in problems[0] and str(path) in problems[0], problems
+
+
+def test_unknown_per_prompt_sampler_is_found_before_training(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("a cat --ss no_such_sampler\n")
+    problems = check_prompt_file(str(path), 0)
+    assert len(problems) == 1 and "line 1" in problems[0] and "no_such_sampler" in problems[0], problems
+
+
+def test_toml_prompt_file_samples_during_training(tmp_path, tiny_sdxl_file, shapes_dataset):
+    prompts = write_toml(tmp_path / "prompts.toml", """
+[prompt]
+width = 64
+height = 64
+sample_steps = 2
+
+  [[prompt.subset]]
+  prompt = "a red circle"
+  seed = 5
+
+  [[prompt.subset]]
+  prompt = "a blue square"
+  sample_sampler = "ddim"
+""")
+    cfg = run_toml(tmp_path, tiny_sdxl_file, shapes_dataset["config"], sample_prompts=prompts,
+                   sample_every_n_steps=2, sample_sampler="euler", network_train_unet_only=True)
+    r = run_script("sdxl_train_network.py", "--config_file", cfg)
+    assert r.returncode == 0, r.stderr[-3000:]
+    pngs = sorted((tmp_path / "out" / "sample").glob("*.png"))
+    assert len(pngs) == 2, pngs  # two entries, not one sample per TOML line
+    from PIL import Image
+    infos = [Image.open(p).text.get("parameters", "") for p in pngs]
+    assert any("a red circle" in t for t in infos) and any("a blue square" in t for t in infos), infos
+
+
+def test_bad_toml_prompt_file_stops_before_the_first_step(tmp_path, tiny_sdxl_file, shapes_dataset):
+    prompts = write_toml(tmp_path / "prompts.toml", '[[prompt.subset]]\nprompt = "x"\nsample_steps = 0\n')
+    cfg = run_toml(tmp_path, tiny_sdxl_file, shapes_dataset["config"], sample_prompts=prompts,
+                   sample_every_n_steps=1)
+    r = run_script("sdxl_train_network.py", "--config_file", cfg)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "sample_steps" in r.stderr and "prompts.toml" in r.stderr
+    assert not (tmp_path / "run_loss.jsonl").exists() or not (tmp_path / "run_loss.jsonl").read_text().strip()

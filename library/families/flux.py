@@ -262,7 +262,8 @@ class FluxFamily(ModelFamily):
             pipe = pipes.get(kontext) or pipes.setdefault(kontext, self.build_pipeline(models, edit=kontext))
             gen = torch.Generator(device="cpu").manual_seed(req.seed)
             kwargs = dict(prompt=req.prompt, width=req.width, height=req.height, num_inference_steps=req.steps,
-                          guidance_scale=req.scale, generator=gen, max_sequence_length=max_len)
+                          guidance_scale=(req.extras or {}).get("guidance_scale", req.scale),  # --g wins
+                          generator=gen, max_sequence_length=max_len)
             if kontext:
                 kwargs.update(image=Image.open(control).convert("RGB"), _auto_resize=False,
                               max_area=req.width * req.height)

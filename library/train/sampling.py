@@ -15,19 +15,23 @@ DEFAULT_SAMPLE_SCALE = 7.0
 
 
 def requests_from_prompt_file(path: str, default_size: tuple[int, int], seed: int) -> list[SampleRequest]:
-    """One request per prompt line; a line without --d gets seed+index so that samples are comparable over steps."""
-    from library.prompts.language import read_prompt_file
+    """One request per prompt (a .txt line, or a .toml / .json entry as sd-scripts writes them); a prompt without
+    a seed gets seed+index so that samples are comparable over steps. A prompt's own sampler (--ss) and distilled
+    guidance (--g) travel in `extras`."""
+    from library.prompts.prompt_files import read_training_prompts
 
     requests = []
-    for i, spec in enumerate(read_prompt_file(path)):
+    for i, entry in enumerate(read_training_prompts(path)):
+        spec = entry.spec
         image_seed = spec.seed if spec.seed is not None else seed + i
         rendered = spec.render(random.Random(image_seed))
-        extras = {"control_image": spec.control_image} if getattr(spec, "control_image", None) else None
+        extras = {k: v for k, v in (("control_image", spec.control_image), ("sampler", entry.sampler),
+                                    ("guidance_scale", entry.guidance_scale)) if v is not None and v != ""}
         requests.append(SampleRequest(
             prompt=rendered.prompt, negative_prompt=rendered.negative_prompt or "",
             width=spec.width or default_size[0], height=spec.height or default_size[1],
             steps=spec.steps or DEFAULT_SAMPLE_STEPS, scale=spec.scale if spec.scale is not None else DEFAULT_SAMPLE_SCALE,
-            seed=image_seed, extras=extras))
+            seed=image_seed, extras=extras or None))
     return requests
 
 
@@ -41,30 +45,34 @@ def check_sampler(name: str) -> None:
 
 def check_prompt_file(path: str, seed: int) -> list[str]:
     """Everything wrong with a --sample_prompts file that sampling would hit later, as messages naming the file and
-    line: its syntax and option values (parsed and rendered as `requests_from_prompt_file` does) and the control
-    images (`--cn`) it names."""
+    line (or entry): its syntax and option values (parsed and rendered as `requests_from_prompt_file` does), each
+    prompt's own sampler (--ss) and the control images (--cn) it names."""
     from library.data.images import ImageLoadError, image_size
     from library.errors import UserError
-    from library.prompts.language import read_prompt_file
+    from library.prompts.prompt_files import read_training_prompts
 
     try:
         requests_from_prompt_file(path, (64, 64), seed)
-        specs = read_prompt_file(path)
+        entries = read_training_prompts(path)
     except UserError as e:
         return [str(e)]
     problems = []
-    for spec in specs:
-        control = getattr(spec, "control_image", None)
+    for entry in entries:
+        if entry.sampler:
+            try:
+                check_sampler(entry.sampler)
+            except UserError as e:
+                problems.append(f"{entry.where}: --ss {e}")
+        control = entry.spec.control_image
         if not control:
             continue
-        where = f"{path} line {spec.line_no}"
         if not os.path.isfile(control):
-            problems.append(f"{where}: the control image '--cn {control}' does not exist")
+            problems.append(f"{entry.where}: the control image '--cn {control}' does not exist")
             continue
         try:
             image_size(control)
         except ImageLoadError as e:
-            problems.append(f"{where}: --cn {e}")
+            problems.append(f"{entry.where}: --cn {e}")
     return problems
 
 
@@ -93,9 +101,17 @@ def sample_during_training(session: Any, step: int, out_dir: str | None = None, 
         m.to(session.accelerator.device)
     rng_state = torch.get_rng_state()
     try:
+        images = [None] * len(requests)
+        # a prompt's own sampler (--ss) wins over --sample_sampler: one call per sampler, order kept
+        by_sampler: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            by_sampler.setdefault(_sampler_of(req, cfg.sample.sample_sampler), []).append(i)
         with torch.no_grad(), session.accelerator.autocast():
-            images = session.family.sample_images(session.models, requests, cfg.sample.sample_sampler,
-                                                  before_generate=session.network.before_sample)
+            for sampler, indices in by_sampler.items():
+                made = session.family.sample_images(session.models, [requests[i] for i in indices], sampler,
+                                                    before_generate=session.network.before_sample)
+                for i, img in zip(indices, made):
+                    images[i] = img
     finally:
         session.network.after_sample()
         if multiplier is not None:
@@ -112,12 +128,17 @@ def sample_during_training(session: Any, step: int, out_dir: str | None = None, 
         path = os.path.join(out_dir, f"{cfg.save.output_name}_{step:06d}_{i:02d}_{req.seed}.png")
         save_png_with_info(img, path, GenerationInfo(prompt=req.prompt, negative_prompt=req.negative_prompt,
                                                      seed=req.seed, steps=req.steps, scale=req.scale,
-                                                     sampler=cfg.sample.sample_sampler, width=req.width,
+                                                     sampler=_sampler_of(req, cfg.sample.sample_sampler),
+                                                     width=req.width,
                                                      height=req.height))
         paths.append(path)
     if log_images:
         _log_images(session, images, step)
     return paths
+
+
+def _sampler_of(request: SampleRequest, default: str) -> str:
+    return (request.extras or {}).get("sampler") or default
 
 
 def _log_images(session: Any, images: list[Any], step: int) -> None:
