@@ -265,3 +265,91 @@ def test_bad_toml_prompt_file_stops_before_the_first_step(tmp_path, tiny_sdxl_fi
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "sample_steps" in r.stderr and "prompts.toml" in r.stderr
     assert not (tmp_path / "run_loss.jsonl").exists() or not (tmp_path / "run_loss.jsonl").read_text().strip()
+
+
+# ---- text encoders: --max_token_length, --weighted_captions, --clip_skip -------------------------------------------
+
+import torch  # noqa: E402
+
+from library.families.sdxl_text import TextOptions, chunked_ids  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sdxl_models(tiny_sdxl_file):
+    from library.families.registry import get_family
+    from library.models.sdxl_loader import load_sdxl
+
+    m = load_sdxl(tiny_sdxl_file, dtype=torch.float32)
+    family = get_family("sdxl")
+    models = {"text_encoders": [m.text_encoder1.eval(), m.text_encoder2.eval()],
+              "tokenizers": [m.tokenizer1, m.tokenizer2]}
+    return family, models
+
+
+def encode(sdxl_models, captions, opts=None):
+    family, models = sdxl_models
+    with torch.no_grad():
+        return family.encode_text({**models, "text_options": opts}, captions)
+
+
+def test_long_captions_are_encoded_in_pieces_with_the_first_pieces_pooled_output(sdxl_models):
+    short = encode(sdxl_models, ["a red circle"])
+    for length in (150, 225):
+        out = encode(sdxl_models, ["a red circle"], TextOptions(max_token_length=length))
+        assert out["encoder_hidden_states"].shape[1] == length + 2
+        # a caption that fits the first piece: the same states there, and the same pooled output
+        torch.testing.assert_close(out["encoder_hidden_states"][:, :76], short["encoder_hidden_states"][:, :76])
+        torch.testing.assert_close(out["pooled"], short["pooled"])
+
+
+def test_pieces_have_their_own_bos_and_eos(sdxl_models):
+    _, models = sdxl_models
+    for tok in models["tokenizers"]:
+        text = " ".join(["dog"] * 100)
+        ids = tok(text, padding="max_length", truncation=True, max_length=152, return_tensors="pt").input_ids[0]
+        pieces = chunked_ids(tok, ids)
+        assert pieces.shape == (2, 77)
+        assert (pieces[:, 0] == tok.bos_token_id).all()
+        assert pieces[0, -1] == tok.eos_token_id  # cut inside the text: closed with EOS
+        assert torch.equal(pieces[0, 1:76], ids[1:76]) and torch.equal(pieces[1, 1:76], ids[76:151])
+
+
+def test_long_caption_changes_with_its_tail_only_when_longer_pieces_are_on(sdxl_models):
+    base = " ".join(["dog"] * 90)
+    a, b = base + " red", base + " blue"
+    plain = encode(sdxl_models, [a, b])
+    torch.testing.assert_close(plain["encoder_hidden_states"][0], plain["encoder_hidden_states"][1])  # truncated
+    long = encode(sdxl_models, [a, b], TextOptions(max_token_length=150))
+    assert not torch.allclose(long["encoder_hidden_states"][0], long["encoder_hidden_states"][1])
+
+
+def test_weighted_captions_scale_the_tokens_states(sdxl_models):
+    opts = TextOptions(weighted_captions=True)
+    plain = encode(sdxl_models, ["a cat"], opts)["encoder_hidden_states"]
+    weighted = encode(sdxl_models, ["a (cat:2.0)"], opts)["encoder_hidden_states"]
+    torch.testing.assert_close(weighted[:, 2], 2.0 * plain[:, 2])  # BOS, "a", "cat"
+    torch.testing.assert_close(weighted[:, :2], plain[:, :2])
+    torch.testing.assert_close(weighted[:, 3:], plain[:, 3:])
+    # and in 150-token pieces
+    opts150 = TextOptions(max_token_length=150, weighted_captions=True)
+    p = encode(sdxl_models, ["a cat"], opts150)["encoder_hidden_states"]
+    w = encode(sdxl_models, ["a (cat:2.0)"], opts150)["encoder_hidden_states"]
+    torch.testing.assert_close(w[:, 2], 2.0 * p[:, 2])
+
+
+def test_text_cache_provenance_names_the_options(sdxl_models):
+    family, models = sdxl_models
+    ids = {family.model_identity({**models, "text_options": o}, "text")
+           for o in (None, TextOptions(), TextOptions(150), TextOptions(225), TextOptions(weighted_captions=True))}
+    assert len(ids) == 4  # None and the defaults are the same cache
+
+
+def test_two_steps_with_long_weighted_captions_and_clip_skip(tmp_path, tiny_sdxl_file, shapes_dataset):
+    for txt in Path(shapes_dataset["image_dir"]).glob("*.txt"):
+        txt.write_text("a (red:1.3) shape, " + ", ".join(["detail"] * 80))
+    cfg = run_toml(tmp_path, tiny_sdxl_file, shapes_dataset["config"], max_token_length=225, weighted_captions=True,
+                   clip_skip=2)
+    r = run_script("sdxl_train_network.py", "--config_file", cfg)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--clip_skip 2: not used" in r.stderr
+    assert (tmp_path / "out" / "lora.safetensors").exists()

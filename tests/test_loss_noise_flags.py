@@ -9,11 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import run_script, write_toml
+from test_train_sdxl_network import read_losses, run_toml
+
 from library.families import noise as N
 from library.train.loop_math import elementwise_loss, huber_threshold, loss_mask, masked_mse, training_loss
-from test_train_sdxl_network import read_losses, run_toml
 
 
 def gens(n: int, base: int = 0) -> list[torch.Generator]:

@@ -20,6 +20,12 @@ class TrainingConfig:
     max_train_steps: int = flag(1600, "training steps (optimizer updates)")
     max_train_epochs: int | None = flag(None, "training epochs (overrides --max_train_steps)")
     gradient_accumulation_steps: int = flag(1, "batches per optimizer update")
+    max_token_length: int | None = flag(None, "caption length in tokens: 150 or 225 encode captions in 75-token "
+                                              "pieces as sd-scripts does (unset: 75)", choices=(None, 150, 225))
+    weighted_captions: bool = flag(False, "captions weight words as '(word:1.2)', '(word)', '[word]' (escape "
+                                          "literal brackets as '\\(')")
+    clip_skip: int | None = flag(None, "text-encoder layers to skip (accepted; SDXL and FLUX use fixed layers, as "
+                                       "in sd-scripts, with a warning)")
     gradient_checkpointing: bool = flag(False, "recompute activations in the backward pass (less memory, slower)")
     mixed_precision: str = flag("no", "compute dtype of the frozen model and autocast", choices=["no", "fp16", "bf16"],
                                 type=str)

@@ -10,7 +10,6 @@ normalised per sample instead of over the batch.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -43,8 +42,8 @@ def rand(batch: int, generators) -> torch.Tensor:
     return _per_sample(lambda b, g: torch.rand((b,), generator=g), batch, generators)
 
 
-def sample_noise(latents: torch.Tensor, generators, noise_offset: float | None, adaptive_noise_scale: float | None = None,
-                 random_strength: bool = False) -> torch.Tensor:
+def sample_noise(latents: torch.Tensor, generators, noise_offset: float | None,
+                 adaptive_noise_scale: float | None = None, random_strength: bool = False) -> torch.Tensor:
     """Gaussian noise like `latents`, plus sd-scripts' offset noise when `noise_offset` is set: a per-channel
     constant lets the model learn very dark / bright images. `random_strength` (--noise_offset_random_strength)
     draws the offset's strength uniformly in [0, noise_offset); `adaptive_noise_scale` adds that much of each

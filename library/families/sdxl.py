@@ -42,12 +42,19 @@ class SDXLFamily(ModelFamily):
     def model_identity(self, models: dict[str, Any], part: str) -> str:
         if part == "vae":
             return "sdxl-vae-" + module_fingerprint(models["vae"])
-        return "sdxl-te-" + "-".join(module_fingerprint(te) for te in models["text_encoders"])
+        opts = models.get("text_options")  # --max_token_length / --weighted_captions change every output
+        tag = f"-{opts.tag}" if opts is not None and opts.tag else ""
+        return "sdxl-te-" + "-".join(module_fingerprint(te) for te in models["text_encoders"]) + tag
 
     # --- encoders -----------------------------------------------------------------------------------------------
     def encode_text(self, models: dict[str, Any], captions: list[str]) -> dict[str, torch.Tensor]:
         te1, te2 = models["text_encoders"]
         tok1, tok2 = models["tokenizers"]
+        opts = models.get("text_options")
+        if opts is not None and opts.tag:  # sd-scripts' 150/225-token pieces and/or (word:1.2) weights
+            from library.families.sdxl_text import encode_captions
+
+            return encode_captions(models["text_encoders"], models["tokenizers"], captions, opts)
         device = next(te1.parameters()).device
         ids1 = tok1(captions, padding="max_length", max_length=tok1.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.to(device)

@@ -134,6 +134,8 @@ def build_session(cfg: RunConfig) -> Session:
 
     network = build_network(cfg.network_kind, models, cfg, family.denoiser_key)
     if network.trains_text_encoder:
+    from library.families.sdxl_text import text_options_from
+    models["text_options"] = text_options_from(cfg.training, cfg.family)  # --max_token_length, --weighted_captions
         for te in models["text_encoders"]:
             te.train()
             if cfg.training.gradient_checkpointing and hasattr(te, "gradient_checkpointing_enable"):

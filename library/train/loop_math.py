@@ -110,11 +110,12 @@ def loss_mask(batch: Any, masked_loss: bool) -> torch.Tensor | None:
 
 
 def training_loss(pred: torch.Tensor, target: torch.Tensor, *, loss_type: str = "l2",
-                  threshold: torch.Tensor | None = None, mask: torch.Tensor | None = None, weights: torch.Tensor | None = None,
-                  sample_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The scalar training loss in sd-scripts' order: element-wise loss (--loss_type), the pixel mask brought to latent size, the mean per sample, the dataset's per-sample loss
-    weights (--prior_loss_weight for regularization images), the family's per-sample weights (min-SNR and friends),
-    the batch mean. With l2 and no mask and weights this is `masked_mse` exactly, operation for operation."""
+                  threshold: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                  weights: torch.Tensor | None = None, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The scalar training loss in sd-scripts' order: element-wise loss (--loss_type), the pixel mask brought to
+    latent size, the mean per sample, the dataset's per-sample loss weights (--prior_loss_weight for regularization
+    images), the family's per-sample weights (min-SNR and friends), the batch mean. With l2 and no mask and weights
+    this is `masked_mse` exactly, operation for operation."""
     loss = elementwise_loss(pred, target, loss_type, threshold)
     if mask is not None:  # pixel space -> latent resolution
         m = F.interpolate(mask.unsqueeze(1).float(), size=loss.shape[-2:], mode="area").to(loss.device)
