@@ -6,8 +6,12 @@ use them.
 """
 from __future__ import annotations
 
+import base64
+import datetime
 import hashlib
 import json
+import logging
+import mimetypes
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -15,6 +19,8 @@ from typing import Any
 
 import safetensors.torch
 import torch
+
+logger = logging.getLogger(__name__)
 
 SDXL_BASE_MODEL_VERSION = "sdxl_base_v1-0"
 DEFAULT_NETWORK_MODULE = "networks.lora"  # the `--network_module` value sd-scripts records for an SDXL LoRA
@@ -124,7 +130,81 @@ def ss_metadata_for_save(metadata: Mapping[str, str], *, steps: int, epoch: int)
     return out
 
 
+# ---- modelspec (Stability AI's model-spec 1.0.1 keys, as sd-scripts writes them into LoRA files) ------------------
+MODELSPEC_VERSION = "1.0.1"
+# architecture ids per family; a LoRA gets the "/lora" adapter suffix
+MODELSPEC_ARCHITECTURES = {"sdxl": "stable-diffusion-xl-v1-base", "flux": "flux-1", "flux-dev": "flux-1-dev",
+                           "flux-schnell": "flux-1-schnell"}
+MODELSPEC_IMPLEMENTATIONS = {"sdxl": "https://github.com/Stability-AI/generative-models",
+                             "flux": "https://github.com/black-forest-labs/flux"}
+# --metadata_<name> flags written as modelspec.<name>
+MODELSPEC_USER_FIELDS = ("title", "author", "description", "license", "tags", "trigger_phrase", "usage_hint",
+                         "merged_from", "preprocessor", "is_negative_embedding", "thumbnail")
+
+
+def thumbnail_data_url(value: str) -> str | None:
+    """modelspec.thumbnail holds the image itself: a file path becomes a data: URL; a missing file is skipped with a
+    warning (the model still saves)."""
+    if value.startswith("data:"):
+        return value
+    try:
+        with open(value, "rb") as fh:
+            data = fh.read()
+    except OSError as e:
+        logger.warning("--metadata_thumbnail %s: cannot read it (%s); the file is saved without a thumbnail",
+                       value, e.strerror)
+        return None
+    mime = mimetypes.guess_type(value)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def build_modelspec(
+    *,
+    family: str,
+    title: str,
+    resolution: tuple[int, int],
+    user_fields: Mapping[str, str | None] | None = None,
+    v_parameterization: bool = False,
+    timesteps: tuple[int, int] | None = None,
+    clip_skip: int | None = None,
+    implementation_version: str | None = None,
+    timestamp: float | None = None,
+) -> dict[str, str]:
+    """The `modelspec.*` keys of a LoRA-style adapter file, with the values sd-scripts writes: architecture with the
+    `/lora` suffix, implementation URL, ISO date, `WxH` resolution, prediction type (not for FLUX), timestep range
+    and encoder layer when set, and the user's --metadata_* fields (title defaults to the output name)."""
+    ts = time.time() if timestamp is None else timestamp
+    arch = MODELSPEC_ARCHITECTURES.get(family, family)
+    impl = MODELSPEC_IMPLEMENTATIONS.get(family.split("-")[0], "diffusers")
+    out: dict[str, str] = {
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": f"{arch}/lora",
+        "modelspec.implementation": impl,
+        "modelspec.title": title,
+        "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
+        "modelspec.date": datetime.datetime.fromtimestamp(int(ts)).isoformat(),
+    }
+    if not family.startswith("flux"):
+        out["modelspec.prediction_type"] = "v" if v_parameterization else "epsilon"
+    if timesteps is not None:
+        out["modelspec.timestep_range"] = f"{timesteps[0]},{timesteps[1]}"
+    if clip_skip is not None:
+        out["modelspec.encoder_layer"] = str(clip_skip)
+    if implementation_version:
+        out["modelspec.implementation_version"] = implementation_version
+    for name, value in (user_fields or {}).items():
+        if value is None:
+            continue
+        if name == "thumbnail":
+            value = thumbnail_data_url(value)
+            if value is None:
+                continue
+        out[f"modelspec.{name}"] = str(value)
+    return out
+
+
 __all__ = [
-    "DEFAULT_NETWORK_MODULE", "SDXL_BASE_MODEL_VERSION", "build_ss_metadata", "metadata_strings",
+    "DEFAULT_NETWORK_MODULE", "MODELSPEC_USER_FIELDS", "SDXL_BASE_MODEL_VERSION", "build_modelspec",
+    "build_ss_metadata", "metadata_strings",
     "precalculate_safetensors_hashes", "ss_metadata_for_save",
 ]

@@ -15,6 +15,12 @@ class LogConfig:
                                 type=str)
     log_prefix: str | None = flag(None, "prefix of the run folder name under --logging_dir")
     loss_log_file: str | None = flag(None, "write per-step losses as JSON lines (used by regression tests)")
+    log_config: bool = flag(False, "log the run's settings to the tracker (without secrets and local paths)")
+    log_tracker_name: str | None = flag(None, "the tracker's project name (default: --log_prefix, else network_train)")
+    log_tracker_config: str | None = flag(None, "a TOML file of the trackers' init arguments, one table per tracker "
+                                                "(e.g. [wandb] with entity, tags); replaces --wandb_run_name")
+    wandb_run_name: str | None = flag(None, "the wandb run's name")
+    wandb_api_key: str | None = flag(None, "log in to wandb with this key before the run (else wandb's own login)")
 
 
 @dataclass

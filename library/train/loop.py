@@ -22,6 +22,11 @@ from library.train.batch_inputs import batch_latents, batch_text
 from library.train.epoch_plan import PlannedBatch, plan_epoch
 from library.train.loop_math import all_reduce_mean_, loss_mask, nonfinite_grads, step_generator, training_loss
 from library.train.network_adapter import TrainNetwork, build_network
+from library.train.initial_step import start_position
+from library.train.optim import set_schedule_free_mode
+from library.train.trackers import init_trackers
+from library.train.retention import (epoch_to_remove, every_n_epochs_from_ratio, remove_path, state_window,
+                                     step_to_remove)
 from library.train.preflight import preflight
 from library.train.rescue import (RescueReport, StopSignal, TrainingTerminated, rescue_folders, save_everything,
                                   tell)
@@ -129,13 +134,13 @@ def build_session(cfg: RunConfig) -> Session:
     weight_dtype = DTYPES[cfg.training.mixed_precision]
 
     models = family.load_models(cfg.model, weight_dtype)
+    from library.families.sdxl_text import text_options_from
+    models["text_options"] = text_options_from(cfg.training, cfg.family)  # --max_token_length, --weighted_captions
     prepare_base_models(cfg, family, models, accelerator.device, weight_dtype)
     device = accelerator.device
 
     network = build_network(cfg.network_kind, models, cfg, family.denoiser_key)
     if network.trains_text_encoder:
-    from library.families.sdxl_text import text_options_from
-    models["text_options"] = text_options_from(cfg.training, cfg.family)  # --max_token_length, --weighted_captions
         for te in models["text_encoders"]:
             te.train()
             if cfg.training.gradient_checkpointing and hasattr(te, "gradient_checkpointing_enable"):
@@ -253,11 +258,11 @@ class Trainer:
 
     # --- saving and sampling --------------------------------------------------------------------------------------
     def _metadata(self) -> dict[str, str] | None:
-        from library.train.metadata import training_metadata
+        from library.train.metadata import modelspec_metadata, training_metadata
 
         s = self.s
         if s.cfg.save.no_metadata:
-            return None
+            return modelspec_metadata(s.cfg)  # as sd-scripts: no ss_* keys, but the model card stays
         return training_metadata(s.cfg, s.datasets, self.state, s.network)
 
     def save_network(self, file_name: str, folder: str | None = None, barrier: bool = True) -> str:
@@ -269,13 +274,39 @@ class Trainer:
         if s.accelerator.is_main_process:
             os.makedirs(folder, exist_ok=True)
             dtype = SAVE_DTYPES.get(s.cfg.save.save_precision or "", None)
-            s.network.module.save_weights(path, dtype, self._metadata())
+            set_schedule_free_mode(s.optimizer, train=False)  # a schedule-free run saves its averaged weights
+            try:
+                s.network.module.save_weights(path, dtype, self._metadata())
+            finally:
+                set_schedule_free_mode(s.optimizer, train=True)
         if barrier:
             s.accelerator.wait_for_everyone()
         return path
 
     def save_state(self, dir_name: str) -> None:
+        # a schedule-free optimizer stays in train mode here: the folder holds the weights it steps on, so
+        # --resume continues exactly
         ckpt.save_state(self.s, self.state, os.path.join(self.s.cfg.save.output_dir, dir_name))
+
+    def _remove_old(self, name: str | None, is_state: bool) -> None:
+        """--save_last_n_*: delete the one save that left the window (library/train/retention.py)."""
+        if name and self.s.accelerator.is_main_process:
+            remove_path(os.path.join(self.s.cfg.save.output_dir, name))
+        if is_state:
+            self.s.accelerator.wait_for_everyone()
+
+    def _sample_in_eval_mode(self) -> None:
+        set_schedule_free_mode(self.s.optimizer, train=False)  # samples show the averaged weights
+        try:
+            self.sample()
+        finally:
+            set_schedule_free_mode(self.s.optimizer, train=True)
+
+    def _every_n_epochs(self) -> int | None:
+        sv, s = self.s.cfg.save, self.s
+        steps_per_epoch = math.ceil(s.batches_per_epoch / s.cfg.training.gradient_accumulation_steps)
+        return every_n_epochs_from_ratio(math.ceil(s.total_steps / steps_per_epoch), sv.save_n_epoch_ratio,
+                                         sv.save_every_n_epochs)
 
     def _bar_says(self, what: str | None) -> None:
         """Show on the progress bar what the run is doing between steps (sampling can take minutes)."""
@@ -331,10 +362,15 @@ class Trainer:
         step = self.state.global_step
         if sv.save_every_n_steps and step % sv.save_every_n_steps == 0 and step < s.total_steps:
             self.save_network(ckpt.step_file_name(sv.output_name, step))
+            old = step_to_remove(step, sv.save_every_n_steps, sv.save_last_n_steps)
+            self._remove_old(old and ckpt.step_file_name(sv.output_name, old), False)
             if sv.save_state:
                 self.save_state(f"{sv.output_name}-step{step:08d}-state")
+                old = step_to_remove(step, sv.save_every_n_steps,
+                                     state_window(sv.save_last_n_steps_state, sv.save_last_n_steps))
+                self._remove_old(old and f"{sv.output_name}-step{old:08d}-state", True)
         if sp.sample_every_n_steps and step % sp.sample_every_n_steps == 0:
-            self.sample()
+            self._sample_in_eval_mode()
         v = s.cfg.validation
         if v.validate_every_n_steps and step % v.validate_every_n_steps == 0:
             self.validate()
@@ -343,12 +379,18 @@ class Trainer:
 
     def _after_epoch(self, epoch_done: int) -> None:
         sv, sp = self.s.cfg.save, self.s.cfg.sample
-        if sv.save_every_n_epochs and epoch_done % sv.save_every_n_epochs == 0 and self.state.global_step < self.s.total_steps:
+        every = self._every_n_epochs()  # --save_every_n_epochs, or from --save_n_epoch_ratio
+        if every and epoch_done % every == 0 and self.state.global_step < self.s.total_steps:
             self.save_network(ckpt.epoch_file_name(sv.output_name, epoch_done))
+            old = epoch_to_remove(epoch_done, every, sv.save_last_n_epochs)
+            self._remove_old(old and ckpt.epoch_file_name(sv.output_name, old), False)
             if sv.save_state:
                 self.save_state(f"{sv.output_name}-{epoch_done:06d}-state")
+                old = epoch_to_remove(epoch_done, every, state_window(sv.save_last_n_epochs_state,
+                                                                      sv.save_last_n_epochs))
+                self._remove_old(old and f"{sv.output_name}-{old:06d}-state", True)
         if sp.sample_every_n_epochs and epoch_done % sp.sample_every_n_epochs == 0:
-            self.sample()
+            self._sample_in_eval_mode()
         v = self.s.cfg.validation
         if v.validate_every_n_epochs and epoch_done % v.validate_every_n_epochs == 0:
             self.validate()
@@ -362,8 +404,14 @@ class Trainer:
             self.state = ckpt.load_state(s, cfg.save.resume)
             acc.print(f"resumed from {cfg.save.resume} at step {self.state.global_step}, epoch "
                       f"{self.state.epoch + 1}, batch {self.state.batch_in_epoch}")
+        start = start_position(cfg.save.initial_epoch, cfg.save.initial_step, cfg.save.skip_until_initial_step,
+                               math.ceil(s.batches_per_epoch / cfg.training.gradient_accumulation_steps),
+                               cfg.training.gradient_accumulation_steps, s.total_steps)
+        if start is not None:  # --initial_epoch / --initial_step win over a state's position, as in sd-scripts
+            self.state.global_step, self.state.epoch = start.global_step, start.epoch
+            self.state.batch_in_epoch = start.batch_in_epoch
         if acc.is_main_process and acc.log_with:
-            acc.init_trackers(cfg.log.log_prefix or "network_train")
+            init_trackers(acc, cfg)  # --log_tracker_name, --log_config, --log_tracker_config, --wandb_*
         per_device = max(d.batch_size for d in s.datasets) // acc.num_processes
         accum = cfg.training.gradient_accumulation_steps
         effective = per_device * acc.num_processes * accum

@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Any
 
 from library.config.train_config import RunConfig
+from library.train.optim import optimizer_name
 
 _START = time.time()
 # what sd-scripts writes as ss_base_model_version, per family
@@ -38,7 +39,7 @@ def training_metadata(cfg: RunConfig, datasets: list[Any], state: Any, network: 
         "ss_learning_rate": o.learning_rate,
         "ss_unet_lr": n.unet_lr,
         "ss_text_encoder_lr": n.text_encoder_lr,
-        "ss_optimizer": o.optimizer_type + (f"({','.join(o.optimizer_args)})" if o.optimizer_args else ""),
+        "ss_optimizer": optimizer_name(o) + (f"({','.join(o.optimizer_args)})" if o.optimizer_args else ""),
         "ss_lr_scheduler": o.lr_scheduler,
         "ss_lr_warmup_steps": o.lr_warmup_steps,
         "ss_max_train_steps": state.global_step,
@@ -59,4 +60,32 @@ def training_metadata(cfg: RunConfig, datasets: list[Any], state: Any, network: 
     }
     if cfg.network_kind == "lllite":
         md["ss_cond_emb_dim"] = n.cond_emb_dim
-    return {k: str(v) for k, v in md.items() if v is not None}
+    out = {k: str(v) for k, v in md.items() if v is not None}
+    out.update(modelspec_metadata(cfg, res))
+    return out
+
+
+def _implementation_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"difftune/{version('difftune')}"
+    except PackageNotFoundError:
+        return "difftune/unknown"
+
+
+def modelspec_metadata(cfg: RunConfig, resolution: tuple[int, int] | None = None) -> dict[str, str]:
+    """The `modelspec.*` keys (sd-scripts writes them even with --no_metadata): --metadata_* flags, the title
+    defaulting to --output_name, and the model facts (architecture, resolution, timestep range)."""
+    from networks.kohya_metadata import MODELSPEC_USER_FIELDS, build_modelspec
+
+    sv, t = cfg.save, cfg.training
+    lo, hi = getattr(t, "min_timestep", 0), getattr(t, "max_timestep", 1000)
+    timesteps = (lo, hi) if (lo, hi) != (0, 1000) and lo is not None and hi is not None else None
+    res = resolution or (1024, 1024)
+    return build_modelspec(
+        family=cfg.family, title=sv.output_name, resolution=(res[0], res[1]),
+        user_fields={name: getattr(sv, f"metadata_{name}", None) for name in MODELSPEC_USER_FIELDS},
+        v_parameterization=bool(getattr(cfg.model, "v_parameterization", False)), timesteps=timesteps,
+        clip_skip=getattr(t, "clip_skip", None), implementation_version=_implementation_version(),
+        timestamp=_START)
