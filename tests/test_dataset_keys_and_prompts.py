@@ -135,12 +135,12 @@ def test_debug_dataset_shows_the_captions_and_does_not_train(tmp_path, tiny_sdxl
     for txt in Path(shapes_dataset["image_dir"]).glob("*.txt"):
         txt.write_text("a {red|blue} shape")
     cfg = run_toml(tmp_path, tiny_sdxl_file, shapes_dataset["config"], debug_dataset=True, enable_wildcard=True,
-                   dataset_class="my.Dataset")
+                   dataset_class="my.Dataset", skip_cache_check=True)
     r = run_script("sdxl_train_network.py", "--config_file", cfg)
     assert r.returncode == 0, r.stderr[-3000:]
     captions = re.findall(r"caption: '([^']*)'", r.stdout)
     assert len(captions) == 4 and set(captions) <= {"a red shape", "a blue shape"}, r.stdout
-    assert "--dataset_class my.Dataset" in r.stderr
+    assert "--dataset_class my.Dataset" in r.stderr and "--skip_cache_check" in r.stderr
     assert not (tmp_path / "out" / "lora.safetensors").exists()
 
 

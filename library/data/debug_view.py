@@ -14,8 +14,12 @@ logger = logging.getLogger(__name__)
 DEBUG_SAMPLES_PER_DATASET = 20  # enough to see the caption operations at work without flooding the console
 
 
-def warn_unsupported(datasets: Sequence[Any], dataset_class: str | None) -> None:
+def warn_unsupported(datasets: Sequence[Any], dataset_class: str | None, skip_cache_check: bool = False) -> None:
     """One warning per option that is accepted for compatibility but changes nothing here."""
+    if skip_cache_check:
+        logger.warning("--skip_cache_check: cache files are still checked against their images (a stale latent "
+                       "would train silently on the wrong picture); it hashes each image and reads each cache file's header, without "
+                       "decoding latents")
     if dataset_class:
         logger.warning("--dataset_class %s: custom dataset classes are not supported; the dataset comes from "
                        "--dataset_config / --train_data_dir instead", dataset_class)

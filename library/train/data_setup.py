@@ -43,7 +43,7 @@ def build_datasets(cfg: RunConfig, num_processes: int = 1, verbose: bool = True)
         records = collect_records(d, group.source)
         datasets.append(TrainDataset(replace(d, batch_size=d.batch_size * num_processes), records, cfg.training.seed))
     from library.data.debug_view import describe_datasets, warn_unsupported
-    warn_unsupported(datasets, cfg.dataset.dataset_class)
+    warn_unsupported(datasets, cfg.dataset.dataset_class, cfg.dataset.skip_cache_check)
     if cfg.dataset.debug_dataset:  # sd-scripts: show the dataset, then stop without training
         print(describe_datasets(datasets))
         raise SystemExit(0)
