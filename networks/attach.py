@@ -26,7 +26,7 @@ DENOISER_PREFIX = "lora_unet"
 
 def attach_network_file(module_name: str, file: str | os.PathLike, multiplier: float, vae: Any, text_encoders: list,
                         denoiser: torch.nn.Module, merge: bool, device: torch.device,
-                        dtype: torch.dtype) -> Any | None:
+                        dtype: torch.dtype, net_kwargs: dict[str, str] | None = None) -> Any | None:
     """Hook the network in `file` into the models (returned, for `set_multiplier`), or merge it (returns None).
 
     A network that says it is not mergeable (`is_mergeable()` false) is hooked in even with `merge`, as sd-scripts
@@ -34,7 +34,7 @@ def attach_network_file(module_name: str, file: str | os.PathLike, multiplier: f
     module = protocol.import_network_module(module_name, ("create_network_from_weights",))
     tes, model = protocol.models_for(module, text_encoders, denoiser)
     network, weights = module.create_network_from_weights(multiplier, os.fspath(file), vae, tes, model,
-                                                          for_inference=True)
+                                                          for_inference=True, **(net_kwargs or {}))
     if network is None:
         raise UserError(f"--network_module {module_name}: create_network_from_weights returned no network "
                                  f"for {os.fspath(file)}")

@@ -2,6 +2,7 @@
 SDXL conditioning flags, file naming and seeds, network flags (issue #17). Tiny SDXL, 64 px, 2 steps."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,60 @@ def test_use_original_file_name_names_img2img_outputs_after_their_init_images(tm
     paths = run_generation(cfg(tiny_sdxl_file, out, ["a house"], images_per_prompt=2,
                                image_path=str(Path(guides[0]).parent), use_original_file_name=True))
     assert sorted(p.name for p in paths) == sorted(Path(g).stem + ".png" for g in guides)
+
+
+def test_highres_fix_writes_upscaled_images_and_the_first_pass(tmp_path, tiny_sdxl_file):
+    out = tmp_path / "hr"
+    r = run_script("sdxl_gen_img.py", "--ckpt", tiny_sdxl_file, "--outdir", str(out), "--prompt", "a red cube",
+                   "--W", "128", "--H", "96", "--steps", "2", "--seed", "1", "--highres_fix_scale", "0.5",
+                   "--highres_fix_steps", "2", "--highres_fix_save_1st", "--sequential_file_name",
+                   "--highres_fix_upscaler", "some.module", "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("--highres_fix_upscaler has no effect here") == 1
+    small, final = out / "im_0000001.png", out / "im_1000001.png"
+    assert sorted(p.name for p in out.glob("*.png")) == [small.name, final.name]
+    first, second = read_png_info(small), read_png_info(final)
+    assert (first.width, first.height) == (64, 32)  # half size, rounded down to multiples of 32
+    assert (second.width, second.height) == (128, 96) and second.extra["highres_fix_scale"] == "0.5"
+    assert second.seed == first.seed + 1 and first.steps == 2
+    from PIL import Image
+
+    with Image.open(final) as im:
+        assert im.size == (128, 96)
+
+
+def test_highres_fix_latent_upscaling_runs_and_differs_from_pixel_upscaling(tmp_path, tiny_sdxl_file):
+    from library.sample.highres_fix import HighresFix
+
+    def gen(name, latents):
+        fix = HighresFix(0.5, steps=2, latents_upscaling=latents)
+        return pixels(run_generation(cfg(tiny_sdxl_file, tmp_path / name, ["a red cube"], highres_fix=fix)))[0]
+
+    lat, pix = gen("lat", True), gen("pix", False)
+    assert lat.shape == pix.shape == (64, 64, 3)
+    assert max_diff(lat, pix) > 0
+
+
+def test_prompt_file_name_option_and_unsupported_negative_scale(tmp_path):
+    from library.errors import UserError
+    from library.sample.generation import check_common, output_stem
+
+    c = GenerationConfig(model="m", outdir="o", width=64, height=64, prompts=[parse_prompt_line("a --f cube.png")])
+    req = plan_requests(c, None, 0)[0]
+    assert output_stem(c, req, "stamp") == "cube"
+    bad = GenerationConfig(model="m", outdir="o", prompts=[replace(parse_prompt_line("a --nl 2"), line_no=4)])
+    with pytest.raises(UserError, match="prompt line 4: --nl"):
+        check_common(bad)
+
+
+def test_network_args_are_parsed_per_network():
+    from library.errors import UserError
+    from library.sample.gen_args import build_parser, config_from_args
+
+    args = build_parser().parse_args(["--ckpt", "m", "--prompt", "a", "--network_weights", "a.safetensors",
+                                      "b.safetensors", "--network_args", "conv_dim=4;conv_alpha=1", ""])
+    specs = config_from_args(args).networks
+    assert specs[0].args == (("conv_dim", "4"), ("conv_alpha", "1")) and specs[1].args == ()
+    args.network_args = ["conv_dim"]
+    with pytest.raises(UserError, match="key=value"):
+        config_from_args(args)

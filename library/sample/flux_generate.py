@@ -122,8 +122,10 @@ def flux_config_from_args(args: argparse.Namespace) -> FluxGenerationConfig:
         seed=args.seed, n_iter=args.n_iter, images_per_prompt=args.images_per_prompt, batch_size=args.batch_size,
         vae_batch_size=args.vae_batch_size, sampler="", wildcard_dirs=tuple(args.wildcards), device=args.device,
         dtype="fp16" if args.fp16 else ("bf16" if args.bf16 else "fp32"),
-        networks=[NetworkSpec(m, w, x) for m, w, x in zip(modules, weights, muls)],
-        network_merge=args.network_merge, controlnets=controlnets, tokenizer_cache_dir=args.tokenizer_cache_dir,
+        networks=[NetworkSpec(m, w, x, gen_args.network_args(args.network_args, i))
+                  for i, (m, w, x) in enumerate(zip(modules, weights, muls))],
+        network_merge=args.network_merge, network_merge_n_models=args.network_merge_n_models,
+        network_show_meta=args.network_show_meta, controlnets=controlnets, tokenizer_cache_dir=args.tokenizer_cache_dir,
     )
     if args.negative_prompt:
         logger.warning("--negative_prompt: FLUX.1 uses no negative prompt; it is ignored")

@@ -12,6 +12,7 @@ from library.errors import UserError
 from library.prompts.language import PromptSyntaxError, parse_prompt_line, parse_template, read_prompt_file
 from library.prompts.samplers import SAMPLER_NAMES
 from library.sample.controlnets import ControlNetSpec, specs_from_flags
+from library.sample.highres_fix import HighresFix
 from library.sample.generation import GenerationConfig, LLLiteSpec, NetworkSpec
 
 DEFAULT_NETWORK_MODULE = "networks.lora"
@@ -64,6 +65,9 @@ ENVIRONMENT_ONLY = {
     "opt_channels_last": "the memory layout is left to PyTorch",
     "vae_slices": "the VAE decodes whole images; bound its memory with --vae_batch_size",
     "clip_skip": "SDXL always uses the penultimate layer of both text encoders, as sd-scripts' SDXL generator does",
+    "highres_fix_upscaler": "no upscaler modules are available here; the first pass is upscaled with Lanczos "
+                            "(or in latent space with --highres_fix_latents_upscaling)",
+    "highres_fix_upscaler_args": "it belongs to --highres_fix_upscaler",
     "network_pre_calc": "networks are applied as hooks (or merged with --network_merge); the images are the same",
 }
 
@@ -124,6 +128,31 @@ def add_batch_args(p: argparse.ArgumentParser) -> None:
                    help="images per VAE decode (default: the batch); below 1: that fraction of --batch_size")
 
 
+def add_highres_fix_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("highres fix (library/sample/highres_fix.py)")
+    g.add_argument("--highres_fix_scale", type=float, default=None,
+                   help="enable highres fix: draw at this fraction of the size first, then upscale and refine")
+    g.add_argument("--highres_fix_steps", type=int, default=28, help="steps of the first (small) pass")
+    g.add_argument("--highres_fix_strength", type=float, default=None,
+                   help="img2img strength of the first pass (default: --strength)")
+    g.add_argument("--highres_fix_save_1st", action="store_true", help="also save the first-pass images")
+    g.add_argument("--highres_fix_latents_upscaling", action="store_true",
+                   help="upscale the first pass in latent space (bilinear) rather than as pixels (Lanczos)")
+    g.add_argument("--highres_fix_upscaler", type=str, default=None,
+                   help="sd-scripts' upscaler module: none is available here (warns; Lanczos is used)")
+    g.add_argument("--highres_fix_upscaler_args", type=str, default=None, help="arguments of --highres_fix_upscaler")
+    g.add_argument("--highres_fix_disable_control_net", action="store_true",
+                   help="no ControlNet / LLLite guidance in the second pass")
+
+
+def highres_fix_from_args(args: argparse.Namespace) -> HighresFix | None:
+    if args.highres_fix_scale is None:
+        return None
+    return HighresFix(args.highres_fix_scale, args.highres_fix_steps, args.highres_fix_strength,
+                      args.highres_fix_save_1st, args.highres_fix_latents_upscaling,
+                      args.highres_fix_disable_control_net)
+
+
 def add_naming_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("file names and seeds")
     g.add_argument("--sequential_file_name", action="store_true", help="name the images im_000001.png, ...")
@@ -139,6 +168,8 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--network_weights", nargs="*", default=None, help="network files")
     g.add_argument("--network_mul", nargs="*", type=float, default=None, help="multiplier per network")
     g.add_argument("--network_merge", action="store_true", help="merge networks into the weights")
+    g.add_argument("--network_args", nargs="*", default=None,
+                   help="per network: key=value;key=value passed to its module's create_network_from_weights")
     g.add_argument("--network_merge_n_models", type=int, default=None,
                    help="merge the first N networks into the weights, hook the others (for their --am)")
     g.add_argument("--network_show_meta", action="store_true", help="print the metadata of each network file")
@@ -167,7 +198,8 @@ def add_controlnet_args(p: argparse.ArgumentParser) -> None:
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, allow_abbrev=False)
     for add in (add_model_args, add_prompt_args, add_image_args, add_batch_args, add_network_args, add_lllite_args,
-                add_controlnet_args, add_naming_args, add_text_encoding_args, add_environment_args):
+                add_controlnet_args, add_highres_fix_args, add_naming_args, add_text_encoding_args,
+                add_environment_args):
         add(p)
     return p
 
@@ -194,6 +226,19 @@ def _prompts(args: argparse.Namespace):
         return [parse_prompt_line(args.prompt)]
     except PromptSyntaxError as exc:
         raise exc.with_location("--prompt") from None
+
+
+def network_args(values: Sequence[str] | None, index: int) -> tuple[tuple[str, str], ...]:
+    """sd-scripts' --network_args: the index-th value holds "key=value;key=value" for the index-th network."""
+    if not values or index >= len(values) or not values[index]:
+        return ()
+    pairs = []
+    for item in values[index].split(";"):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--network_args '{values[index]}': expected key=value;key=value, got '{item}'")
+        pairs.append((key.strip(), value.strip()))
+    return tuple(pairs)
 
 
 def controlnet_flags(args: argparse.Namespace, lllite: bool) -> tuple[list[ControlNetSpec], str | None]:
@@ -233,11 +278,13 @@ def config_from_args(args: argparse.Namespace) -> GenerationConfig:
         iter_same_seed=args.iter_same_seed, network_merge_n_models=args.network_merge_n_models,
         network_show_meta=args.network_show_meta,
         max_embeddings_multiples=getattr(args, "max_embeddings_multiples", None),
+        highres_fix=highres_fix_from_args(args),
         steps=args.steps, scale=args.scale, seed=args.seed, n_iter=args.n_iter,
         images_per_prompt=args.images_per_prompt, batch_size=args.batch_size, vae_batch_size=args.vae_batch_size,
         sampler=args.sampler, wildcard_dirs=tuple(args.wildcards), device=args.device,
         dtype="fp16" if args.fp16 else ("bf16" if args.bf16 else "fp32"),
-        networks=[NetworkSpec(m, w, x) for m, w, x in zip(modules, weights, muls)],
+        networks=[NetworkSpec(m, w, x, network_args(args.network_args, i))
+                  for i, (m, w, x) in enumerate(zip(modules, weights, muls))],
         network_merge=args.network_merge,
         lllite=[LLLiteSpec(w, x) for w, x in zip(lllite_files, lllite_muls)],
         guide_image_path=guide_path, controlnets=controlnets, image_path=args.image_path, strength=args.strength,

@@ -52,6 +52,7 @@ class NetworkSpec:
     module: str
     weights: str
     multiplier: float = 1.0
+    args: tuple[tuple[str, str], ...] = ()  # --network_args "k=v;k=v": keyword arguments of the module's factory
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class GenerationConfig:
     iter_same_seed: bool = False
     network_merge_n_models: int | None = None
     network_show_meta: bool = False
+    highres_fix: Any = None  # library.sample.highres_fix.HighresFix when --highres_fix_scale is given
     max_embeddings_multiples: int | None = None  # None: 75 tokens, and the pipeline's own encoding for plain prompts
 
     def __post_init__(self) -> None:
@@ -128,6 +130,7 @@ class ImageRequest:
     crop: tuple[int, int] = (0, 0)  # (top, left)
     negative_original_size: tuple[int, int] | None = None  # (width, height); None: the same as original_size
     clip_prompt: str | None = None  # sd-scripts' --c: recorded in the PNG only (SDXL has no separate CLIP prompt)
+    filename: str | None = None  # a prompt's --f: the PNG's name (a number is appended when it is taken)
     weighted: bool = False  # encode with attention weights / long prompts (library.sample.long_prompt)
     network_muls: tuple[float, ...] | None = None
     control_image: str | None = None
@@ -204,6 +207,11 @@ def check_common(config: GenerationConfig) -> None:
     if config.network_merge and any(p.network_muls for p in config.prompts):
         raise UserError("per-prompt --am cannot change networks merged with --network_merge; drop one of them")
     for p in config.prompts:
+        if p.negative_scale is not None:
+            raise UserError(f"{where_in_prompts(p)}: --nl (sd-scripts' negative scale) is not supported yet; "
+                            "remove it from the line")
+        if p.filename and Path(p.filename).name != p.filename:
+            raise UserError(f"{where_in_prompts(p)}: --f '{p.filename}' must be a file name, not a path")
         if p.network_muls and len(p.network_muls) > len(config.networks):
             raise UserError(f"{where_in_prompts(p)}: --am gives {len(p.network_muls)} multipliers but only "
                             f"{len(config.networks)} network(s) are loaded")
@@ -302,6 +310,7 @@ def _request(config: GenerationConfig, spec: PromptSpec, k: int, j: int, base_se
               spec.crop_left if spec.crop_left is not None else config.crop_left),
         negative_original_size=negative_original_size,
         clip_prompt=spec.clip_prompt,
+        filename=spec.filename,
         weighted=config.max_embeddings_multiples is not None or has_attention_syntax(drawn.prompt)
         or has_attention_syntax(negative or ""),
         network_muls=spec.network_muls,
@@ -342,7 +351,7 @@ class AttachedNetworks:
             if config.network_show_meta:
                 log_network_metadata(spec.weights)
             network = attach_network_file(spec.module, spec.weights, spec.multiplier, vae, text_encoders, denoiser,
-                                          position < merge_n, device, dtype)
+                                          position < merge_n, device, dtype, dict(spec.args))
             if network is not None:  # None: merged into the weights
                 self.networks.append(network)
                 self.positions.append(position)
@@ -437,21 +446,24 @@ def controlnet_images(batch: Sequence[ImageRequest], size: tuple[int, int], load
             for net in loaded]
 
 
-def output_stem(config: GenerationConfig, req: ImageRequest, run_stamp: str) -> str:
+def output_stem(config: GenerationConfig, req: ImageRequest, run_stamp: str, stage: str = "") -> str:
     """The PNG's name without extension: sd-scripts' --use_original_file_name (img2img: the init image's name),
-    --sequential_file_name (im_000001, counting images from 1), or im_<run>_<index>_<seed>."""
+    --sequential_file_name (im_000001, counting images from 1), or im_<run>_<index>_<seed>. `stage` is sd-scripts'
+    highres-fix prefix of the index: "0" for the first pass, "1" for the final image."""
+    if req.filename:
+        return Path(req.filename).stem + (f"_{stage}" if stage == "0" else "")
     if config.use_original_file_name and req.init_image:
-        return Path(req.init_image).stem
+        return Path(req.init_image).stem + (f"_{stage}" if stage == "0" else "")
     if config.sequential_file_name:
-        return f"im_{req.index + 1:06d}"
-    return f"im_{run_stamp}_{req.index:06d}_{req.seed}"
+        return f"im_{stage}{req.index + 1:06d}"
+    return f"im_{run_stamp}_{stage}{req.index:06d}_{req.seed}"
 
 
 def save_request_png(config: GenerationConfig, req: ImageRequest, image: Image.Image, run_stamp: str,
-                     sampler: str, extra: dict[str, str] | None = None) -> Path:
+                     sampler: str, extra: dict[str, str] | None = None, stage: str = "") -> Path:
     """Write one image as `im_<run>_<index>_<seed>.png` with its prompt and settings in the PNG text chunks."""
     outdir = Path(config.outdir)
-    stem = output_stem(config, req, run_stamp)
+    stem = output_stem(config, req, run_stamp, stage)
     path = outdir / f"{stem}.png"
     suffix = 1
     while path.exists():  # a second run in the same second (or a reused name): never overwrite

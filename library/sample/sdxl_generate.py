@@ -18,6 +18,7 @@ from library.errors import ModelLoadError, UserError
 from library.families.sdxl import SDXLFamily
 from library.prompts.samplers import canonical_sampler_name
 from library.sample.controlnets import build_sdxl_pipeline, check_specs, load_controlnets, sdxl_call_kwargs
+from library.sample.highres_fix import HighresFix, upscale_latents
 from library.sample.long_prompt import encode_sdxl_prompts
 from library.sample.generation import (
     DTYPES, SEED_RANGE, AttachedNetworks, GenerationConfig, ImageProgress, ImageRequest, check_common,
@@ -43,6 +44,11 @@ def check_control(config: GenerationConfig) -> None:
         if not os.path.isfile(spec.weights):
             raise ModelLoadError(f"--control_net_lllite_models '{spec.weights}': no such file")
     check_specs(config.controlnets)
+    if config.highres_fix is not None:
+        config.highres_fix.check()
+        if config.controlnets and not config.highres_fix.disable_control_net:
+            raise UserError("--highres_fix_scale with --control_net_models needs --highres_fix_disable_control_net "
+                            "(the img2img second pass cannot use ControlNets yet)")
     if config.controlnets and config.image_path:
         raise UserError("--control_net_models cannot be combined with --image_path (img2img) yet")
     for p in config.prompts:
@@ -95,19 +101,42 @@ class SDXLGenerator:
         batches = make_batches(requests, self.config.batch_size)
         with ImageProgress(len(requests), len(batches)) as self.progress:
             for batch in batches:
-                images = self._run_batch(batch)
-                paths += [self._save(req, image) for req, image in zip(batch, images)]
+                if self.config.highres_fix is not None:
+                    paths += self._run_highres(batch, self.config.highres_fix)
+                else:
+                    images = self._decode(self._latents(batch))
+                    paths += [self._save(req, image) for req, image in zip(batch, images)]
                 self.progress.done(len(batch))
         return paths
 
-    def _run_batch(self, batch: list[ImageRequest]) -> list[Image.Image]:
+    def _run_highres(self, batch: list[ImageRequest], fix: HighresFix) -> list[Path]:
+        """Stage 1 small, upscale, stage 2 img2img at full size (library.sample.highres_fix)."""
+        paths: list[Path] = []
+        stage1 = [fix.stage1(r) for r in batch]
+        latents = self._latents(stage1)
+        small = self._decode(latents) if fix.save_1st or not fix.latents_upscaling else None
+        if fix.save_1st:
+            paths += [self._save(r, im, "0") for r, im in zip(stage1, small)]
+        first = batch[0]
+        if fix.latents_upscaling:
+            init: Any = upscale_latents(latents, first.width, first.height)
+        else:
+            init = [im.resize((first.width, first.height), Image.Resampling.LANCZOS) for im in small]
+        stage2 = [fix.stage2(r, self.config.strength) for r in batch]
+        images = self._decode(self._latents(stage2, init=init, control=not fix.disable_control_net))
+        extra = fix.record()
+        return paths + [self._save(r, im, "1", extra) for r, im in zip(stage2, images)]
+
+    def _latents(self, batch: list[ImageRequest], init: Any = None, control: bool = True) -> torch.Tensor:
+        """Denoise one batch to latents: text-to-image, or img2img from `init` (images or latents) or from the
+        requests' init images."""
         first = batch[0]
         size = (first.width, first.height)
         self.networks.set_multipliers(first.network_muls)
-        control = None
-        if first.control_image is not None:
-            control = images_to_tensor(load_rgb(r.control_image, size) for r in batch).to(self.device)
-        self.networks.set_control(control)
+        guide = None
+        if first.control_image is not None and control:
+            guide = images_to_tensor(load_rgb(r.control_image, size) for r in batch).to(self.device)
+        self.networks.set_control(guide)
         generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in batch]
         kwargs: dict[str, Any] = dict(
             prompt=[r.prompt for r in batch],
@@ -127,21 +156,22 @@ class SDXLGenerator:
         )
         if first.weighted:
             kwargs.update(self._embeds(batch))
-        if first.init_image is not None:
+        if init is None and first.init_image is not None:
             init = [load_rgb(r.init_image, size) for r in batch]
+        if init is not None:
             self.progress.show_steps(self.img2img)
             latents = self.img2img(image=init, strength=first.strength, **kwargs).images
         else:
             noise = initial_noise(generators, self.pipe.unet.config.in_channels, first.height, first.width)
             pipe = self.pipe
-            if self.controlnet_pipe is not None and first.controlnet_images is not None:
+            if self.controlnet_pipe is not None and first.controlnet_images is not None and control:
                 pipe = self.controlnet_pipe
                 kwargs.update(sdxl_call_kwargs(self.controlnets, controlnet_images(batch, size, self.controlnets)))
             self.progress.show_steps(pipe)
             latents = pipe(width=first.width, height=first.height, latents=noise.to(self.device, self.dtype),
                            **kwargs).images
         self.networks.set_control(None)
-        return self._decode(latents)
+        return latents
 
     def _embeds(self, batch: Sequence[ImageRequest]) -> dict[str, Any]:
         """sd-scripts' weighted, chunked prompt encoding, in place of the pipeline's prompt text."""
@@ -163,8 +193,9 @@ class SDXLGenerator:
             images += [Image.fromarray(a) for a in arrays]
         return images
 
-    def _save(self, req: ImageRequest, image: Image.Image) -> Path:
-        return save_request_png(self.config, req, image, self.run_stamp, self.sampler)
+    def _save(self, req: ImageRequest, image: Image.Image, stage: str = "",
+              extra: dict[str, str] | None = None) -> Path:
+        return save_request_png(self.config, req, image, self.run_stamp, self.sampler, extra, stage)
 
 
 def _hw(size: tuple[int, int]) -> tuple[int, int]:
