@@ -353,3 +353,14 @@ def test_two_steps_with_long_weighted_captions_and_clip_skip(tmp_path, tiny_sdxl
     assert r.returncode == 0, r.stderr[-3000:]
     assert "--clip_skip 2: not used" in r.stderr
     assert (tmp_path / "out" / "lora.safetensors").exists()
+
+
+def test_cached_text_outputs_with_long_captions(tmp_path, tiny_sdxl_file, shapes_dataset):
+    """The text cache holds 2 + 75n-token states with --max_token_length and is not mixed with 77-token ones."""
+    for txt in Path(shapes_dataset["image_dir"]).glob("*.txt"):
+        txt.write_text("a shape, " + ", ".join(["detail"] * 80))
+    cfg = run_toml(tmp_path, tiny_sdxl_file, shapes_dataset["config"], max_token_length=150,
+                   cache_text_encoder_outputs=True, network_train_unet_only=True)
+    r = run_script("sdxl_train_network.py", "--config_file", cfg)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "out" / "lora.safetensors").exists()
