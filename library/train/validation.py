@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from library.train.batch_inputs import batch_latents, batch_text
-from library.train.loop_math import masked_mse, step_generator
+from library.train.loop_math import loss_mask, step_generator, training_loss
 
 VALIDATION_STEP = -1  # a loop position no training step uses: its generators are the validation ones
 
@@ -37,7 +37,11 @@ def validation_loss(session: Any) -> float | None:
             with s.accelerator.autocast():
                 pred = s.family.predict(s.models, inp, text, batch)
             target = s.family.loss_target(s.models, latents, inp)
-            loss = masked_mse(pred, target, batch.alpha_masks, None)
+            t = s.cfg.training  # the training loss function (--loss_type, --masked_loss), unweighted
+            threshold_of = getattr(s.family, "huber_threshold", None)
+            loss = training_loss(pred, target, loss_type=t.loss_type,
+                                 threshold=threshold_of(inp, t) if threshold_of else None,
+                                 mask=loss_mask(batch, t.masked_loss))
             total += loss.item() * len(indices)
             count += len(indices)
     finally:
