@@ -364,3 +364,23 @@ def test_cached_text_outputs_with_long_captions(tmp_path, tiny_sdxl_file, shapes
     r = run_script("sdxl_train_network.py", "--config_file", cfg)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "out" / "lora.safetensors").exists()
+
+
+def test_network_multiplier_zero_leaves_the_lora_untrained(tmp_path, tiny_sdxl_file, shapes_dataset):
+    """sd-scripts' dataset key network_multiplier: at 0 the network adds nothing, so its zero-initialised up
+    weights get no gradient and stay zero; at 1 they move."""
+    from safetensors.torch import load_file
+
+    text = Path(shapes_dataset["config"]).read_text()
+    ups = {}
+    for mult in (0.0, 1.0):
+        cfg_ds = write_toml(tmp_path / f"ds{mult}.toml",
+                            text.replace("batch_size = 2", f"batch_size = 2\nnetwork_multiplier = {mult}"))
+        out = tmp_path / f"out{mult}"
+        cfg = run_toml(tmp_path, tiny_sdxl_file, cfg_ds, name=f"m{mult}", output_dir=str(out),
+                       network_train_unet_only=True)
+        r = run_script("sdxl_train_network.py", "--config_file", cfg)
+        assert r.returncode == 0, r.stderr[-3000:]
+        sd = load_file(str(out / "lora.safetensors"))
+        ups[mult] = max(float(v.abs().max()) for k, v in sd.items() if "lora_up" in k)
+    assert ups[0.0] == 0.0 and ups[1.0] > 0.0

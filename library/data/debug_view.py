@@ -27,10 +27,6 @@ def warn_unsupported(datasets: Sequence[Any], dataset_class: str | None, skip_ca
     if face:
         logger.warning("face_crop_aug_range (%s): face boxes in file names are not read, so these images are "
                        "cropped as usual", ", ".join(face))
-    multiplied = [d.config.table for d in datasets if d.config.network_multiplier != 1.0]
-    if multiplied:
-        logger.warning("network_multiplier (%s): the network trains at multiplier 1.0 here; per-dataset "
-                       "multipliers are not applied", ", ".join(multiplied))
 
 
 def describe_datasets(datasets: Sequence[Any], epoch: int = 0) -> str:

@@ -207,7 +207,17 @@ class Trainer:
     def _load(self, pb: PlannedBatch, indices: list[int]) -> Any:
         ds = self.s.datasets[pb.dataset_index]
         ds.set_progress(self.state.global_step, getattr(ds, "max_train_steps", None))
+        self._use_multiplier(ds.config.network_multiplier)
         return ds.load_batch(indices, self.state.epoch)
+
+    def _use_multiplier(self, multiplier: float) -> None:
+        """A dataset's network_multiplier (sd-scripts' dataset key) is the network's strength on its batches. Set
+        on every batch once any dataset has one (sampling may have reset it); runs without one never touch it."""
+        if multiplier == 1.0 and all(d.config.network_multiplier == 1.0 for d in self.s.datasets):
+            return
+        net = self.s.accelerator.unwrap_model(self.s.network.module)
+        if hasattr(net, "set_multiplier"):
+            net.set_multiplier(multiplier)
 
     def _micro_step(self, pb: PlannedBatch, micro: int) -> torch.Tensor:
         """This process's share of one global batch; returns the global mean loss (for logging)."""
