@@ -65,7 +65,11 @@ def test_documented_lllite_command_runs_and_warns_once_per_environment_flag(tmp_
                     "--n lowres, low quality",
         "--guide_image_path", guides[0], "--control_net_lllite_models", lllite_file, "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert len(list(out.glob("*.png"))) == 2
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 2
+    info = read_png_info(files[0])
+    assert info.extra["max_embeddings_multiples"] == "1" and info.extra["original_width"] == "128"
+    assert "(solo)" in info.prompt and "{" not in info.prompt
     for flag in ("--xformers", "--diffusers_xformers", "--opt_channels_last", "--vae_slices", "--clip_skip"):
         assert r.stderr.count(f"{flag} has no effect here") == 1, (flag, r.stderr[-3000:])
     assert "--no_preview" not in r.stderr  # nothing to warn about: we never preview

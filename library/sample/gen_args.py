@@ -89,6 +89,7 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wildcards", action="append", default=[], metavar="DIR",
                    help="folder of __name__ wildcard files (repeatable)")
     g.add_argument("--n_iter", type=int, default=1, help="passes over all prompts")
+    g.add_argument("--images_per_prompt", type=int, default=1, help="images per prompt line and pass")
 
 
 def add_text_encoding_args(p: argparse.ArgumentParser) -> None:
@@ -97,7 +98,6 @@ def add_text_encoding_args(p: argparse.ArgumentParser) -> None:
                    help="prompts up to 75 x N tokens, encoded in chunks of 75 (sd-scripts' long prompts)")
     g.add_argument("--clip_skip", type=int, default=None,
                    help="no effect with SDXL: both text encoders' penultimate layers are used (as in sd-scripts)")
-    g.add_argument("--images_per_prompt", type=int, default=1, help="images per prompt line and pass")
 
 
 def add_image_args(p: argparse.ArgumentParser) -> None:

@@ -479,6 +479,8 @@ def save_request_png(config: GenerationConfig, req: ImageRequest, image: Image.I
         extra["original_height_negative"] = str(req.negative_original_size[1])
     if req.clip_prompt is not None:
         extra["clip_prompt"] = req.clip_prompt
+    if config.max_embeddings_multiples is not None:
+        extra["max_embeddings_multiples"] = str(config.max_embeddings_multiples)
     if req.control_image:
         extra["guide_image"] = req.control_image
     if req.controlnet_images:
