@@ -8,16 +8,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from conftest import run_script
+from safetensors import safe_open
+from test_train_sdxl_network import run_toml
+
 from library.config.train_config import OptimizerConfig
 from library.errors import ConfigError, UserError
 from library.train.initial_step import StartPosition, start_position
-from library.train.optim import build_optimizer, build_scheduler, optimizer_name, set_schedule_free_mode
-from library.train.retention import (epoch_to_remove, every_n_epochs_from_ratio, remove_path, state_window,
-                                     step_to_remove)
-from test_train_sdxl_network import run_toml
+from library.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    optimizer_name,
+    set_schedule_free_mode,
+)
+from library.train.retention import (
+    epoch_to_remove,
+    every_n_epochs_from_ratio,
+    remove_path,
+    state_window,
+    step_to_remove,
+)
 
 
 def _params() -> list[dict]:
@@ -277,10 +287,11 @@ def test_tracker_init_arguments(tmp_path):
 
 
 def test_logged_config_drops_secrets_and_paths():
+    from dataclasses import dataclass
+
     from library.config.log_flags import LogConfig
     from library.config.save_flags import SaveConfig
     from library.train.trackers import logged_config
-    from dataclasses import dataclass
 
     @dataclass
     class Cfg:

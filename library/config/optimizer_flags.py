@@ -12,9 +12,9 @@ class OptimizerConfig:
 
     optimizer_type: str = flag("", "AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit, PagedAdamW32bit, Lion, Lion8bit, "
                                    "PagedLion8bit, SGDNesterov, SGDNesterov8bit, DAdaptation, DAdaptAdam, "
-                                   "DAdaptAdaGrad, DAdaptAdan, DAdaptAdanIP, DAdaptLion, DAdaptSGD, Prodigy, Adafactor, "
-                                   "AdamWScheduleFree, RAdamScheduleFree, SGDScheduleFree, a torch.optim class name or "
-                                   "module.ClassName; empty means AdamW", unset="AdamW")
+                                   "DAdaptAdaGrad, DAdaptAdan, DAdaptAdanIP, DAdaptLion, DAdaptSGD, Prodigy, "
+                                   "Adafactor, AdamWScheduleFree, RAdamScheduleFree, SGDScheduleFree, a torch.optim "
+                                   "class name or module.ClassName; empty means AdamW", unset="AdamW")
     optimizer_args: list[str] = flag(None, "optimizer keyword arguments as key=value pairs, e.g. weight_decay=0.01",
                                      unset=[])
     use_8bit_adam: bool = flag(False, "old spelling of --optimizer_type AdamW8bit")

@@ -20,18 +20,18 @@ from library.train import checkpoint as ckpt
 from library.train.attention import configure_training_attention
 from library.train.batch_inputs import batch_latents, batch_text
 from library.train.epoch_plan import PlannedBatch, plan_epoch
+from library.train.initial_step import start_position
 from library.train.loop_math import all_reduce_mean_, loss_mask, nonfinite_grads, step_generator, training_loss
 from library.train.network_adapter import TrainNetwork, build_network
-from library.train.initial_step import start_position
 from library.train.optim import set_schedule_free_mode
-from library.train.trackers import init_trackers
-from library.train.retention import (epoch_to_remove, every_n_epochs_from_ratio, remove_path, state_window,
-                                     step_to_remove)
 from library.train.preflight import preflight
 from library.train.rescue import (RescueReport, StopSignal, TrainingTerminated, rescue_folders, save_everything,
                                   tell)
+from library.train.retention import (epoch_to_remove, every_n_epochs_from_ratio, remove_path, state_window,
+                                     step_to_remove)
 from library.train.scale_out import (ShardingOptions, check_sharding_compatible, local_share, shard_frozen_model,
                                      take_sharding_request)
+from library.train.trackers import init_trackers
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

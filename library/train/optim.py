@@ -4,7 +4,8 @@ from __future__ import annotations
 import ast
 import importlib
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -197,7 +198,7 @@ SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wi
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay", "piecewise_constant", "adafactor")
 
 
-def _steps(value: int | float, total: int) -> int:
+def _steps(value: float, total: int) -> int:
     """sd-scripts' int_or_float step counts: a float is a fraction of the training steps."""
     return int(value * total) if isinstance(value, float) else int(value)
 
@@ -224,7 +225,11 @@ def _scheduler_kwargs(cfg: OptimizerConfig) -> dict[str, Any]:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, total_steps: int):
     """The schedule by sd-scripts' rules; `total_steps` counts optimizer steps (the scheduler steps once per
     optimizer step here whatever the process count, so it is sd-scripts' max_train_steps x processes / processes)."""
-    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, AdafactorSchedule, SchedulerType
+    from transformers.optimization import (
+        TYPE_TO_SCHEDULER_FUNCTION,
+        AdafactorSchedule,
+        SchedulerType,
+    )
 
     if is_schedule_free(cfg):
         return _ConstantForScheduleFree(optimizer)
@@ -258,8 +263,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, tota
         from diffusers.optimization import get_piecewise_constant_schedule
 
         if "step_rules" not in kwargs:
-            raise UserError("--lr_scheduler piecewise_constant needs --lr_scheduler_args step_rules=\"1:10,0.1:20,0.01\" "
-                            "(factor:until_step pairs, then the last factor)")
+            raise UserError("--lr_scheduler piecewise_constant needs --lr_scheduler_args "
+                            "step_rules=\"1:10,0.1:20,0.01\" (factor:until_step pairs, then the last factor)")
         return get_piecewise_constant_schedule(optimizer, **kwargs)
     if name == "constant" and warmup:
         name = "constant_with_warmup"  # sd-scripts refuses the pair; here the warm-up is honoured
@@ -270,7 +275,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, tota
         return func(optimizer, num_warmup_steps=warmup, **kwargs)
     if name == "inverse_sqrt":
         return func(optimizer, num_warmup_steps=warmup, timescale=cfg.lr_scheduler_timescale, **kwargs)
-    common = dict(num_warmup_steps=warmup, num_training_steps=total_steps)
+    common = {"num_warmup_steps": warmup, "num_training_steps": total_steps}
     if name == "cosine_with_restarts":
         return func(optimizer, **common, num_cycles=cfg.lr_scheduler_num_cycles, **kwargs)
     if name == "polynomial":
