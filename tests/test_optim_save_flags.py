@@ -367,3 +367,26 @@ def test_run_bad_scheduler_is_one_clear_error(tmp_path, tiny_sdxl_file, shapes_d
     cfg = run_toml(tmp_path, tiny_sdxl_file, shapes_dataset["config"], lr_scheduler="cosine_with_min_lr")
     r = run_script("sdxl_train_network.py", "--config_file", cfg)
     assert r.returncode != 0 and "--lr_scheduler_min_lr_ratio" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_schedule_free_state_round_trip_continues_exactly(tmp_path):
+    """A --save_state folder keeps a schedule-free optimizer in train mode with the weights it steps on: restoring
+    weights and optimizer state (pickle-free, as library/train/checkpoint.py does) continues exactly."""
+    from library.train import state_io
+
+    cfg = OptimizerConfig(optimizer_type="AdamWScheduleFree", learning_rate=1e-2)
+    straight = build_optimizer(_params(), cfg)
+    _step(straight, steps=3)
+    resumed_from = build_optimizer(_params(), cfg)
+    _step(resumed_from, steps=2)
+    state_io.write_tree(str(tmp_path), "optimizer", resumed_from.state_dict())
+    weights = resumed_from.param_groups[0]["params"][0].detach().clone()
+
+    params = _params()
+    with torch.no_grad():
+        params[0]["params"][0].copy_(weights)
+    fresh = build_optimizer(params, cfg)
+    fresh.load_state_dict(state_io.read_tree(str(tmp_path), "optimizer"))
+    set_schedule_free_mode(fresh, train=True)
+    _step(fresh, steps=1)
+    assert torch.allclose(fresh.param_groups[0]["params"][0], straight.param_groups[0]["params"][0], atol=1e-7)
