@@ -59,7 +59,7 @@ def tokenize(tokenizer: Any, captions: Sequence[str], opts: TextOptions) -> tupl
     all_ids, all_weights = [], []
     for caption in captions:
         if opts.weighted_captions:
-            from library.sample.long_prompt import weighted_tokens
+            from library.prompts.weighting import weighted_tokens
 
             body, w, _ = weighted_tokens(tokenizer, caption, length - 2)
             pad = length - 2 - len(body)

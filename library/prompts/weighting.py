@@ -6,11 +6,14 @@
 * A bracket never closed weights everything after it (as sd-scripts does, rather than failing).
 * ``BREAK`` (the upper-case word) ends the current 75-token chunk: the rest starts a new one.
 
-`parse_attention` returns the prompt as (text, weight) runs; the long-prompt encoder turns them into tokens.
+`parse_attention` returns the prompt as (text, weight) runs and `weighted_tokens` turns them into token ids with one
+weight each; the generator's long-prompt encoder (library/sample/long_prompt.py) and training's weighted captions
+(library/families/sdxl_text.py) both use them.
 """
 from __future__ import annotations
 
 import re
+from typing import Any
 
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
@@ -69,6 +72,24 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     return merged or [("", 1.0)]
 
 
+def weighted_tokens(tokenizer: Any, text: str, limit: int) -> tuple[list[int], list[float], bool]:
+    """(token ids without BOS/EOS, one weight per token, truncated?) for at most `limit` tokens."""
+    ids: list[int] = []
+    weights: list[float] = []
+    width = tokenizer.model_max_length
+    for chunk, weight in parse_attention(text):
+        if chunk.strip() == BREAK:  # pad up to the next chunk boundary, counted as sd-scripts counts it
+            pad = width - len(ids) % width
+            ids += [tokenizer.pad_token_id] * pad
+            weights += [1.0] * pad
+            continue
+        tokens = tokenizer(chunk).input_ids[1:-1]
+        ids += tokens
+        weights += [weight] * len(tokens)
+    truncated = len(ids) > limit
+    return ids[:limit], weights[:limit], truncated
+
+
 def _split_breaks(text: str) -> list[str]:
     """The text with each BREAK word as its own piece (weights still apply across it)."""
     pieces: list[str] = []
@@ -87,4 +108,4 @@ def _to_float(value: str) -> float:
         return 1.0  # "(a:.)" has no number: sd-scripts' parser would fail; keep the text unweighted
 
 
-__all__ = ["BREAK", "has_attention_syntax", "parse_attention"]
+__all__ = ["BREAK", "has_attention_syntax", "parse_attention", "weighted_tokens"]

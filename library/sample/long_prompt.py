@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from library.prompts.weighting import BREAK, parse_attention
+from library.prompts.weighting import weighted_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -34,24 +34,6 @@ class PromptEmbeds:
         return dict(prompt_embeds=self.prompt_embeds, pooled_prompt_embeds=self.pooled_prompt_embeds,
                     negative_prompt_embeds=self.negative_prompt_embeds,
                     negative_pooled_prompt_embeds=self.negative_pooled_prompt_embeds)
-
-
-def weighted_tokens(tokenizer: Any, text: str, limit: int) -> tuple[list[int], list[float], bool]:
-    """(token ids without BOS/EOS, one weight per token, truncated?) for at most `limit` tokens."""
-    ids: list[int] = []
-    weights: list[float] = []
-    width = tokenizer.model_max_length
-    for chunk, weight in parse_attention(text):
-        if chunk.strip() == BREAK:  # pad up to the next chunk boundary, counted as sd-scripts counts it
-            pad = width - len(ids) % width
-            ids += [tokenizer.pad_token_id] * pad
-            weights += [1.0] * pad
-            continue
-        tokens = tokenizer(chunk).input_ids[1:-1]
-        ids += tokens
-        weights += [weight] * len(tokens)
-    truncated = len(ids) > limit
-    return ids[:limit], weights[:limit], truncated
 
 
 def _chunk_count(lengths: Sequence[int], body: int, max_multiples: int) -> int:
