@@ -51,6 +51,8 @@ class FluxConfig:
     blocks_to_swap: int | None = flag(None, "keep this many transformer blocks on the CPU, moving each to the GPU "
                                             "while it runs (needs --gradient_checkpointing; without a CUDA GPU: a "
                                             "warning, and no swapping)")
+    swap_prefetch: int = flag(1, "with --blocks_to_swap: blocks copied to the GPU ahead of the running one, on a "
+                                 "side stream while it computes; each costs one more block of GPU memory")
     split_mode: bool = flag(False, "retired in sd-scripts (FLUX LoRA trained on split blocks); accepted with a "
                                    "warning, training runs without it")
     kontext: bool = flag(False, "paired training: the dataset's conditioning image is appended as extra image "

@@ -60,8 +60,7 @@ def apply_low_vram(transformer: torch.nn.Module, fcfg: FluxConfig, device: torch
     if gradient_checkpointing is False:
         raise UserError("--blocks_to_swap in training needs --gradient_checkpointing: the backward pass re-runs each "
                         "swapped block's forward to bring it back to the GPU")
-    # a --swap_prefetch flag, once FluxConfig has one, sets how many blocks are copied ahead of the running one
-    prefetch = getattr(fcfg, "swap_prefetch", None)
+    prefetch = getattr(fcfg, "swap_prefetch", None)  # FluxConfig has it; bare test configs may not
     if prefetch is not None and prefetch < 0:
         raise UserError(f"--swap_prefetch must be 0 or more blocks, got {prefetch}")
     swapper = BlockSwapper.attach(transformer, fcfg.blocks_to_swap, device,
