@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run(variant: str, args, base) -> dict:
-    from library.config.flux_config import FluxConfig
+    from library.config.flux_config import FluxConfig, FluxModelConfig
     from library.train.attention import configure_training_attention
     from library.families.flux import FluxFamily
     from library.train.loop import prepare_base_models
@@ -38,7 +38,7 @@ def run(variant: str, args, base) -> dict:
     swap = args.swap if "swap" in variant else 0
     fcfg = FluxConfig(fp8_base="fp8" in variant, blocks_to_swap=swap or None)
     tr = copy.deepcopy(base)  # the same CPU weights for every variant
-    models = {"transformer": tr, "vae": torch.nn.Linear(1, 1), "text_encoders": [], "flux_cfg": fcfg}
+    models = {"transformer": tr, "vae": torch.nn.Linear(1, 1), "text_encoders": []}
     cfg = SimpleNamespace(model=SimpleNamespace(no_half_vae=False),
                           training=SimpleNamespace(xformers=False, gradient_checkpointing=True))
     gc.collect()
@@ -47,7 +47,7 @@ def run(variant: str, args, base) -> dict:
     if before > 2**20:
         print(f"warning: {before / 2**20:.0f} MiB still allocated before {variant}", file=sys.stderr)
     torch.cuda.reset_peak_memory_stats()
-    prepare_base_models(cfg, FluxFamily(), models, torch.device("cuda"), torch.bfloat16)
+    prepare_base_models(cfg, FluxFamily(FluxModelConfig(flux=fcfg)), models, torch.device("cuda"), torch.bfloat16)
     loaded = torch.cuda.max_memory_allocated()
     torch.manual_seed(0)
     net = create_network(1.0, 16, 16.0, None, [], tr)

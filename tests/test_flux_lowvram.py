@@ -177,10 +177,11 @@ def test_block_swap_flags_are_checked(tiny):
     with pytest.raises(UserError, match="needs --gradient_checkpointing"):
         apply_low_vram(tr, FluxConfig(blocks_to_swap=1), torch.device("cpu"), gradient_checkpointing=False)
     # the family hook the loop calls after casting the base models: fp8 lands on the transformer
+    from library.config.flux_config import FluxModelConfig
     from library.families.flux import FluxFamily
 
-    family = FluxFamily()
-    models = {"transformer": tr.to(torch.bfloat16), "flux_cfg": FluxConfig(fp8_base=True)}
+    family = FluxFamily(FluxModelConfig(flux=FluxConfig(fp8_base=True)))
+    models = {"transformer": tr.to(torch.bfloat16)}
     family.after_base_models_prepared(models, SimpleNamespace(training=SimpleNamespace(gradient_checkpointing=False)),
                                       torch.device("cpu"))
     assert isinstance(tr.single_transformer_blocks[0].proj_out, Fp8Linear) and models["block_swapper"] is None
@@ -189,16 +190,15 @@ def test_block_swap_flags_are_checked(tiny):
 def test_swapped_blocks_never_visit_the_device_at_load_time(tiny):
     """prepare_base_models casts on the CPU, then moves everything but the swapped blocks: the device never holds
     the whole model (nor an fp32 copy of it). The meta device stands in for a GPU: whatever is moved there shows."""
-    from library.config.flux_config import FluxConfig
+    from library.config.flux_config import FluxConfig, FluxModelConfig
     from library.families.flux import FluxFamily
     from library.train.loop import prepare_base_models
 
     tr = copy.deepcopy(tiny.transformer)
-    models = {"transformer": tr, "vae": torch.nn.Linear(2, 2), "text_encoders": [],
-              "flux_cfg": FluxConfig(blocks_to_swap=3)}
+    models = {"transformer": tr, "vae": torch.nn.Linear(2, 2), "text_encoders": []}
     cfg = SimpleNamespace(model=SimpleNamespace(no_half_vae=False),
                           training=SimpleNamespace(xformers=False, gradient_checkpointing=True))
-    family = FluxFamily()
+    family = FluxFamily(FluxModelConfig(flux=FluxConfig(blocks_to_swap=3)))
     kept = family.modules_kept_off_device(models, cfg)
     assert kept == [tr.transformer_blocks[1], *tr.single_transformer_blocks]
     family.after_base_models_prepared = lambda *a: None  # the swapper itself needs CUDA; placement is under test
@@ -210,8 +210,8 @@ def test_swapped_blocks_never_visit_the_device_at_load_time(tiny):
     assert {b.device.type for _, b in tr.named_buffers()} <= {"meta"}
     # without swapping everything moves
     tr2 = copy.deepcopy(tiny.transformer)
-    models2 = dict(models, transformer=tr2, flux_cfg=FluxConfig(), vae=torch.nn.Linear(2, 2))
-    prepare_base_models(cfg, family, models2, torch.device("meta"), torch.bfloat16)
+    models2 = dict(models, transformer=tr2, vae=torch.nn.Linear(2, 2))
+    prepare_base_models(cfg, FluxFamily(), models2, torch.device("meta"), torch.bfloat16)
     assert {p.device.type for p in tr2.parameters()} == {"meta"}
 
 
@@ -262,7 +262,7 @@ def test_flux_gen_img_with_fp8_base_matches_full_precision(tmp_path, tiny_flux_s
 
 
 def test_swap_prefetch_from_the_config_sets_the_slots(tiny):
-    """A `swap_prefetch` on the FLUX config (a flag to come) reaches the swapper; a negative one is one clear error."""
+    """A `swap_prefetch` on the FLUX config reaches the swapper; a negative one is one clear error."""
     from library.families.flux_placement import apply_low_vram
 
     tr = copy.deepcopy(tiny.transformer).requires_grad_(False)

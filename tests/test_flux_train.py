@@ -86,9 +86,9 @@ def kontext_setup(tiny_flux_single):
     from library.config.flux_config import FluxConfig, FluxModelConfig
     from library.families.flux import FluxFamily
 
-    family = FluxFamily()
     cfg = FluxModelConfig(pretrained_model_name_or_path=tiny_flux_single,
                           flux=FluxConfig(kontext=True, t5xxl_max_token_length=8, model_prediction_type="raw"))
+    family = FluxFamily(cfg)
     models = family.load_models(cfg, torch.float32)
     return family, models
 

@@ -8,8 +8,8 @@ Paired (Kontext-style) mode: the control image's latents are packed and appended
 position ids whose first index is 1 (FLUX.1 Kontext's convention), and only the target tokens' output is kept, so
 the loss never sees the control tokens.
 
-The FLUX flags reach this family inside `cfg.model` (a FluxModelConfig); `load_models` keeps them on the instance
-because the loop hands `noise_and_timesteps` only the shared TrainingConfig.
+The family is bound to its FluxModelConfig when built (`get_family("flux", config)`); the FLUX flags are read from
+`self.flux`, the one place they are stored.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 import torch
 
-from library.config.flux_config import FluxConfig
+from library.config.flux_config import FluxConfig, FluxModelConfig
+from library.config.model_flags import ModelConfig
 from library.errors import UserError
 from library.families import noise as noise_lib
 from library.families.flux_latents import KONTEXT_CONTROL_INDEX, image_ids, pack_latents, unpack_latents
@@ -47,31 +48,36 @@ def unused_ddpm_flags(cfg: Any) -> list[str]:
 class FluxFamily(ModelFamily):
     denoiser_key = "transformer"
 
-    def __init__(self) -> None:
-        self.flux_cfg = FluxConfig()
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        if config is not None and not isinstance(config, FluxModelConfig):
+            raise TypeError(f"the FLUX family is built with a FluxModelConfig, got {type(config).__name__}")
+        super().__init__(config if config is not None else FluxModelConfig())
+        self.config: FluxModelConfig
+        self.flux: FluxConfig = self.config.flux  # the FLUX flags, stored once
         self._degrade_spec = None
-
-    # --- models -------------------------------------------------------------------------------------------------
-    def load_models(self, cfg: Any, dtype: torch.dtype) -> dict[str, Any]:
-        from library.models.flux_loader import load_flux
-
-        fcfg = getattr(cfg, "flux", None) or FluxConfig()
-        check_low_vram_flags(fcfg.blocks_to_swap, "train")
-        self.flux_cfg = fcfg
-        if fcfg.kontext_degrade:
+        if self.flux.kontext_degrade:
             from library.data.degrade import parse_degrade_spec
 
-            self._degrade_spec = parse_degrade_spec(fcfg.kontext_degrade)
-        m = load_flux(cfg, torch.float32)
+            self._degrade_spec = parse_degrade_spec(self.flux.kontext_degrade)
+
+    # --- models -------------------------------------------------------------------------------------------------
+    def load_models(self, cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+        """Load the models of the bound config (`cfg` is that same config, as the loop passes it)."""
+        from library.models.flux_loader import load_flux
+
+        if cfg is not self.config:
+            raise ValueError("FluxFamily.load_models: build the family with this config (get_family('flux', cfg))")
+        check_low_vram_flags(self.flux.blocks_to_swap, "train")
+        m = load_flux(self.config, torch.float32)
         guidance = bool(m.transformer.config.guidance_embeds)
-        t5_len = fcfg.t5xxl_max_token_length or (512 if guidance else 256)
+        t5_len = self.flux.t5xxl_max_token_length or (512 if guidance else 256)
         return {"transformer": m.transformer, "vae": m.ae, "text_encoders": [m.clip_l, m.t5],
-                "tokenizers": [m.tokenizer_clip, m.tokenizer_t5], "flux_cfg": fcfg, "t5_max_length": t5_len}
+                "tokenizers": [m.tokenizer_clip, m.tokenizer_t5], "t5_max_length": t5_len}
 
     def modules_kept_off_device(self, models: dict[str, Any], cfg: Any) -> list[torch.nn.Module]:
         from library.models.lowvram import swapped_blocks
 
-        fcfg = models.get("flux_cfg") or self.flux_cfg
+        fcfg = self.flux
         if not fcfg.blocks_to_swap:
             return []
         return swapped_blocks(models["transformer"], fcfg.blocks_to_swap)
@@ -82,14 +88,14 @@ class FluxFamily(ModelFamily):
         return model_blocks(models["transformer"])
 
     def after_base_models_prepared(self, models: dict[str, Any], cfg: Any, device: torch.device) -> None:
-        fcfg = models.get("flux_cfg") or self.flux_cfg
+        fcfg = self.flux
         models["block_swapper"] = apply_low_vram(models["transformer"], fcfg, device,
                                                  bool(cfg.training.gradient_checkpointing))
 
     def model_identity(self, models: dict[str, Any], part: str) -> str:
         if part == "vae":
             return "flux-ae-" + module_fingerprint(models["vae"])
-        fcfg = models.get("flux_cfg") or self.flux_cfg
+        fcfg = self.flux
         encoders = "-".join(module_fingerprint(te) for te in models["text_encoders"])
         return f"flux-te-{encoders}-t5len{models['t5_max_length']}-mask{int(fcfg.apply_t5_attn_mask)}"
 
@@ -97,7 +103,7 @@ class FluxFamily(ModelFamily):
     def encode_text(self, models: dict[str, Any], captions: list[str]) -> dict[str, torch.Tensor]:
         clip, t5 = models["text_encoders"]
         tok_clip, tok_t5 = models["tokenizers"]
-        fcfg = models.get("flux_cfg") or self.flux_cfg
+        fcfg = self.flux
         device = next(clip.parameters()).device
         ids = tok_clip(captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
                        return_tensors="pt").input_ids.to(device)
@@ -131,7 +137,7 @@ class FluxFamily(ModelFamily):
         self._warn_unused(cfg)
         noise = noise_lib.sample_noise(latents, generator, None)
         seq_len = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
-        t = sample_sigmas(latents.shape[0], generator, self.flux_cfg, seq_len).to(latents.device)
+        t = sample_sigmas(latents.shape[0], generator, self.flux, seq_len).to(latents.device)
         tb = t.view(-1, 1, 1, 1).to(latents.dtype)
         noised_with = noise
         if getattr(cfg, "ip_noise_gamma", None):
@@ -168,7 +174,7 @@ class FluxFamily(ModelFamily):
     def predict(self, models: dict[str, Any], inp: NoisyInput, text: dict[str, torch.Tensor],
                 batch: Any) -> torch.Tensor:
         tr = models["transformer"]
-        fcfg = models.get("flux_cfg") or self.flux_cfg
+        fcfg = self.flux
         noisy = inp.noisy
         b, _, h, w = noisy.shape
         device, dtype = noisy.device, noisy.dtype
@@ -213,7 +219,7 @@ class FluxFamily(ModelFamily):
     def loss_weights(self, models: dict[str, Any], inp: NoisyInput, cfg: Any) -> torch.Tensor | None:
         """--weighting_scheme sigma_sqrt / cosmap, with --model_prediction_type sigma_scaled as in sd-scripts."""
         self._warn_unused(cfg)
-        fcfg = models.get("flux_cfg") or self.flux_cfg
+        fcfg = self.flux
         if fcfg.model_prediction_type != "sigma_scaled":
             return None
         return loss_weighting(fcfg.weighting_scheme, inp.timesteps)
@@ -221,7 +227,7 @@ class FluxFamily(ModelFamily):
     def huber_threshold(self, inp: NoisyInput, cfg: Any) -> torch.Tensor | None:
         """--loss_type huber / smooth_l1 on FLUX: sd-scripts' threshold at timestep 1000 * sigma (constant and
         exponential schedules; 'snr' needs a DDPM schedule, which check_training_flags refuses up front)."""
-        from library.train.loop_math import huber_threshold
+        from library.families.noise import huber_threshold
 
         if cfg.loss_type not in ("huber", "smooth_l1"):
             return None

@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 
+from library.config.model_flags import ModelConfig
+
 
 @dataclass
 class NoisyInput:
@@ -30,6 +32,11 @@ class ModelFamily(ABC):
     name: str = ""
     #: keys of the family's models dict that networks may attach to, e.g. {"unet": ..., "text_encoders": [...]}
     denoiser_key: str = "unet"
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        """A family is bound to its model config when built (`get_family(name, config)`): its own flags are read
+        from `self.config`, the one place they are stored."""
+        self.config = config if config is not None else ModelConfig()
 
     @abstractmethod
     def load_models(self, cfg: Any, dtype: torch.dtype) -> dict[str, Any]:

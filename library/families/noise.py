@@ -10,6 +10,7 @@ normalised per sample instead of over the batch.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -155,3 +156,29 @@ def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma
     snr = a / (1 - a)
     clipped = torch.clamp(snr, max=gamma)
     return clipped / (snr + 1) if v_prediction else clipped / snr
+
+
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+
+
+def huber_threshold(schedule: str, huber_c: float, huber_scale: float, timesteps: torch.Tensor,
+                    alphas_cumprod: torch.Tensor | None = None, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """sd-scripts' per-sample Huber threshold (`--huber_schedule`, `--huber_c`, `--huber_scale`), for integer DDPM
+    timesteps in [0, num_train_timesteps):
+    - constant: huber_c * huber_scale;
+    - exponential: huber_scale * huber_c ** (t / num_train_timesteps), from huber_scale at t=0 down to
+      huber_c * huber_scale at the last timestep;
+    - snr: huber_c + (1 - huber_c) / (1 + sigma_t) ** 2 with sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), near 1
+      for clean inputs and near huber_c for pure noise (huber_scale does not enter, as in sd-scripts)."""
+    t = timesteps.float()
+    if schedule == "constant":
+        return torch.full_like(t, huber_c * huber_scale)
+    if schedule == "exponential":
+        return torch.exp(math.log(huber_c) * t / num_train_timesteps) * huber_scale
+    if schedule == "snr":
+        if alphas_cumprod is None:
+            raise ValueError("the 'snr' Huber schedule needs the noise schedule's alphas_cumprod")
+        ac = alphas_cumprod.to(t.device)[timesteps.long()]
+        sigmas = ((1.0 - ac) / ac) ** 0.5
+        return (1 - huber_c) / (1 + sigmas) ** 2 + huber_c
+    raise ValueError(f"unknown Huber schedule {schedule!r}; expected one of {HUBER_SCHEDULES}")

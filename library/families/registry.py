@@ -8,13 +8,14 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
+from library.config.model_flags import ModelConfig
 from library.errors import UserError
 from library.families.interface import ModelFamily
 
 #: family name -> the module that registers it
 KNOWN_FAMILIES: dict[str, str] = {"sdxl": "library.families.sdxl", "flux": "library.families.flux"}
 
-_REGISTRY: dict[str, Callable[[], ModelFamily]] = {}
+_REGISTRY: dict[str, Callable[[ModelConfig | None], ModelFamily]] = {}
 
 
 def register_family(name: str) -> Callable[[type[ModelFamily]], type[ModelFamily]]:
@@ -25,10 +26,11 @@ def register_family(name: str) -> Callable[[type[ModelFamily]], type[ModelFamily
     return deco
 
 
-def get_family(name: str) -> ModelFamily:
-    """A fresh instance of the family registered as `name` (importing its module on first use)."""
+def get_family(name: str, config: ModelConfig | None = None) -> ModelFamily:
+    """A fresh instance of the family registered as `name` (importing its module on first use), bound to `config`
+    (the family's own ModelConfig subclass, e.g. FluxModelConfig)."""
     if name not in _REGISTRY and name in KNOWN_FAMILIES:
         importlib.import_module(KNOWN_FAMILIES[name])
     if name not in _REGISTRY:
         raise UserError(f"unknown model family {name!r}; known: {sorted(set(_REGISTRY) | set(KNOWN_FAMILIES))}")
-    return _REGISTRY[name]()
+    return _REGISTRY[name](config)

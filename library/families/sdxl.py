@@ -5,6 +5,7 @@ from typing import Any, Callable
 
 import torch
 
+from library.config.model_flags import ModelConfig
 from library.errors import UserError
 from library.families import noise as noise_lib
 from library.families.interface import ModelFamily, NoisyInput, SampleRequest, module_fingerprint
@@ -18,7 +19,8 @@ DEFAULT_SAMPLER = "ddim"  # sd-scripts' default for generation and for sampling 
 class SDXLFamily(ModelFamily):
     denoiser_key = "unet"
 
-    def __init__(self) -> None:
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__(config)
         self.alphas_cumprod = noise_lib.ddpm_alphas_cumprod()
 
     # --- models -------------------------------------------------------------------------------------------------
@@ -141,7 +143,7 @@ class SDXLFamily(ModelFamily):
 
     def huber_threshold(self, inp: NoisyInput, cfg: Any) -> torch.Tensor | None:
         """The per-sample threshold of --loss_type huber / smooth_l1 (None for l1 / l2)."""
-        from library.train.loop_math import huber_threshold
+        from library.families.noise import huber_threshold
 
         if cfg.loss_type not in ("huber", "smooth_l1"):
             return None

@@ -129,7 +129,7 @@ def build_session(cfg: RunConfig) -> Session:
                               project_dir=cfg.log.logging_dir)
     set_seed(cfg.training.seed)
     configure_training_attention(cfg.training.sdpa_cudnn)
-    family = get_family(cfg.family)
+    family = get_family(cfg.family, cfg.model)
     datasets = build_datasets(cfg, accelerator.num_processes, verbose=accelerator.is_main_process)
     weight_dtype = DTYPES[cfg.training.mixed_precision]
 
