@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Written after a successful install; pip runs again only when setup.py is newer (or .venv was removed).
 INSTALLED := $(VENV)/.installed
 
-.PHONY: test install demo clean
+.PHONY: test lint install demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ install: $(INSTALLED)
 # No -x: CI reports every failure of the suite, not only the first.
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# ruff.toml says what is checked: errors that break or mislead, not style.
+lint: install
+	$(BIN)/ruff check .
 
 demo: install
 	$(BIN)/python -m library.demo --output_dir demo_output

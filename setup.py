@@ -40,7 +40,7 @@ setup(
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require={
-        "test": ["pytest>=7", "peft>=0.10", "sentencepiece>=0.1.99", "protobuf", "lycoris-lora>=4,<5"],
+        "test": ["pytest>=7", "ruff>=0.6", "peft>=0.10", "sentencepiece>=0.1.99", "protobuf", "lycoris-lora>=4,<5"],
         "lycoris": ["lycoris-lora>=4,<5"],  # --network_module lycoris.kohya (LoKr, LoHa, LoCon, DoRA, (IA)^3, ...)
         "xformers": ["xformers"],
         "wandb": ["wandb"],

@@ -154,7 +154,6 @@ def test_two_steps_with_warmup_wildcards_and_resize_filter(tmp_path, tiny_sdxl_f
 
 # ---- sample-prompt files (.txt / .toml / .json as sd-scripts reads them) ------------------------------------------------
 
-from library.errors import UserError  # noqa: E402
 from library.prompts.prompt_files import read_training_prompts  # noqa: E402
 from library.train.sampling import check_prompt_file, requests_from_prompt_file  # noqa: E402
 

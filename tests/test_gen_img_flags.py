@@ -11,7 +11,7 @@ from conftest import run_script
 from library.prompts.language import parse_prompt_line
 from library.prompts.png_metadata import read_png_info
 from library.prompts.weighting import has_attention_syntax, parse_attention
-from library.sample.generation import GenerationConfig, NetworkSpec, derive_seed, plan_requests
+from library.sample.generation import GenerationConfig, derive_seed, plan_requests
 from library.sample.sdxl_generate import run_generation
 from test_sdxl_gen_img import cfg, guides, lllite_file, lora_file, max_diff, pixels  # noqa: F401 (fixtures)
 
