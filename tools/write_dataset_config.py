@@ -9,13 +9,13 @@ Hand-writing the ``[general]`` / ``[[datasets]]`` / ``[[datasets.subsets]]`` lay
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a script from anywhere
 
+from library.config.toml_write import dumps_dataset_config  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.fileio import write_text_atomic  # noqa: E402
 
@@ -89,36 +89,9 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
     return {"general": general, "datasets": [dataset]}
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # JSON string escapes are a subset of TOML's basic strings
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
-def _table(lines: list[str], header: str, table: dict[str, Any]) -> None:
-    lines.append(header)
-    for key, value in table.items():
-        if not isinstance(value, list) or not value or not isinstance(value[0], dict):
-            lines.append(f"{key} = {_toml_value(value)}")
-
-
 def to_toml(config: dict[str, Any]) -> str:
-    """Render the sd-scripts layout; small enough that a TOML library would add a dependency, not clarity."""
-    lines: list[str] = []
-    _table(lines, "[general]", config["general"])
-    for dataset in config["datasets"]:
-        lines.append("")
-        _table(lines, "[[datasets]]", dataset)
-        for subset in dataset["subsets"]:
-            lines.append("")
-            _table(lines, "  [[datasets.subsets]]", subset)
-    text = "\n".join(lines) + "\n"
+    """Render the sd-scripts layout (library/config/toml_write.py) and check that it parses."""
+    text = dumps_dataset_config(config)
     _toml_reader.loads(text)  # never hand the user a file that does not parse
     return text
 

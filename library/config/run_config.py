@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from library.config.environment_flags import warn_once
 from library.config.flags import flag
 from library.config.toml_read import read_toml
+from library.config.toml_write import toml_value
 from library.errors import ConfigError
 from library.fileio import write_text_atomic
 
@@ -132,23 +133,4 @@ def write_run_config(args: argparse.Namespace, path: str,
 
 def dumps_flat_toml(data: dict[str, Any]) -> str:
     """A flat TOML of scalars and lists of scalars (all a run config holds); tomllib reads it back unchanged."""
-    return "".join(f"{key} = {_toml_value(value)}\n" for key, value in data.items())
-
-
-def _toml_value(value: Any) -> str:
-    import json
-    import math
-
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    return "".join(f"{key} = {toml_value(value)}\n" for key, value in data.items())
