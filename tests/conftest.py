@@ -74,6 +74,17 @@ def write_toml(path: Path, text: str) -> str:
     return str(path)
 
 
+# aspect-ratio buckets from 32 to 128 pixels, the [general] keys of several tests' dataset configs
+BUCKETING = {"enable_bucket": True, "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 32}
+
+
+def write_dataset_toml(path: Path, *datasets: dict, general: dict | None = None) -> str:
+    """Write an sd-scripts dataset config: each dataset a dict of its keys plus `subsets` (a list of dicts)."""
+    from library.config.toml_write import dumps_dataset_config
+
+    return write_toml(path, dumps_dataset_config({"general": general, "datasets": list(datasets)}))
+
+
 def run_script(script: str, *args: str, cwd: str | Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run a repo script as users do: a subprocess with the repo's Python."""
     cmd = [sys.executable, str(REPO / script), *args]
@@ -94,32 +105,8 @@ def build_shapes_dataset(tmp_path: Path) -> dict:
     img = tmp_path / "images"
     cond = tmp_path / "cond"
     make_shapes_dataset(str(img), 4, sizes=[(64, 64), (96, 64)], seed=0, conditioning_dir=str(cond))
-    cfg = write_toml(tmp_path / "dataset.toml", f"""
-[general]
-caption_extension = ".txt"
-enable_bucket = true
-min_bucket_reso = 32
-max_bucket_reso = 128
-bucket_reso_steps = 32
-
-[[datasets]]
-resolution = 64
-batch_size = 2
-
-  [[datasets.subsets]]
-  image_dir = '{img}'
-  num_repeats = 1
-""")
-    cn_cfg = write_toml(tmp_path / "dataset_cn.toml", f"""
-[general]
-caption_extension = ".txt"
-
-[[datasets]]
-resolution = 64
-batch_size = 2
-
-  [[datasets.subsets]]
-  image_dir = '{img}'
-  conditioning_data_dir = '{cond}'
-""")
+    cfg = write_dataset_toml(tmp_path / "dataset.toml", {"resolution": 64, "batch_size": 2, "subsets": [
+        {"image_dir": str(img), "num_repeats": 1}]}, general={"caption_extension": ".txt", **BUCKETING})
+    cn_cfg = write_dataset_toml(tmp_path / "dataset_cn.toml", {"resolution": 64, "batch_size": 2, "subsets": [
+        {"image_dir": str(img), "conditioning_data_dir": str(cond)}]}, general={"caption_extension": ".txt"})
     return {"image_dir": str(img), "cond_dir": str(cond), "config": cfg, "cn_config": cn_cfg, "root": tmp_path}

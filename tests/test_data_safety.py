@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_script, write_toml
+from conftest import run_script, write_dataset_toml, write_toml
 from PIL import Image
 
 from library.cache.latents import EXTERNAL_CACHE_DIR, LatentCache, latent_cache_path
@@ -29,15 +29,8 @@ def png(path: Path, size=(64, 64), seed=0) -> Path:
 
 
 def finetune_config(tmp_path: Path, image_dir: Path, metadata: Path) -> str:
-    return write_toml(tmp_path / "dataset.toml", f"""
-[[datasets]]
-resolution = 64
-batch_size = 1
-
-  [[datasets.subsets]]
-  image_dir = '{image_dir}'
-  metadata_file = '{metadata}'
-""")
+    return write_dataset_toml(tmp_path / "dataset.toml", {"resolution": 64, "batch_size": 1, "subsets": [
+        {"image_dir": str(image_dir), "metadata_file": str(metadata)}]})
 
 
 def records_of(cfg: str):

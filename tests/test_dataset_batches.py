@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import BUCKETING, write_dataset_toml
 from library.data.dataset import TrainDataset, balanced_repeats
 from library.data.types import DatasetConfig, ImageRecord, SubsetConfig
 from library.errors import ConfigError, UserError
@@ -271,23 +272,8 @@ def test_from_toml_config(tmp_path):
     img.mkdir()
     for i, (w, h) in enumerate([(64, 64), (128, 40), (40, 128)]):
         write_png(img / f"{i}.png", w, h, seed=i)
-    toml = tmp_path / "dataset.toml"
-    toml.write_text(f"""
-[general]
-enable_bucket = true
-min_bucket_reso = 32
-max_bucket_reso = 128
-bucket_reso_steps = 32
-
-[[datasets]]
-resolution = 64
-batch_size = 2
-
-  [[datasets.subsets]]
-  image_dir = '{img}'
-  class_tokens = 'sks dog'
-  num_repeats = 2
-""")
+    toml = write_dataset_toml(tmp_path / "dataset.toml", {"resolution": 64, "batch_size": 2, "subsets": [
+        {"image_dir": str(img), "class_tokens": "sks dog", "num_repeats": 2}]}, general=BUCKETING)
     group = load_dataset_config(str(toml))
     dataset_cfg = group.datasets[0]
     ds = TrainDataset(dataset_cfg, collect_records(dataset_cfg, group.source), seed=0)

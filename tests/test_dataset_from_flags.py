@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_script, write_toml
+from conftest import BUCKETING, run_script, write_dataset_toml
 
 
 @pytest.fixture
@@ -48,27 +48,12 @@ def test_subfolders_become_subsets_with_repeats_and_class_tokens(folders):
 
 
 def test_same_resolution_as_the_equivalent_toml(folders):
-    """The flags and a hand-written TOML of the same folders resolve to the same datasets, images and buckets."""
+    """The flags and a TOML of the same folders resolve to the same datasets, images and buckets."""
     train = folders["train"]
-    toml = write_toml(folders["root"] / "same.toml", f"""
-[general]
-caption_extension = ".txt"
-enable_bucket = true
-min_bucket_reso = 32
-max_bucket_reso = 128
-bucket_reso_steps = 32
-[[datasets]]
-resolution = [64, 64]
-batch_size = 2
-  [[datasets.subsets]]
-  image_dir = '{(train / "10_sks dog").as_posix()}'
-  num_repeats = 10
-  class_tokens = "sks dog"
-  [[datasets.subsets]]
-  image_dir = '{(train / "2_cat").as_posix()}'
-  num_repeats = 2
-  class_tokens = "cat"
-""")
+    toml = write_dataset_toml(folders["root"] / "same.toml", {"resolution": [64, 64], "batch_size": 2, "subsets": [
+        {"image_dir": (train / "10_sks dog").as_posix(), "num_repeats": 10, "class_tokens": "sks dog"},
+        {"image_dir": (train / "2_cat").as_posix(), "num_repeats": 2, "class_tokens": "cat"}]},
+        general={"caption_extension": ".txt", **BUCKETING})
     from_toml = dataset_info("--dataset_config", toml)
     from_flags = dataset_info("--train_data_dir", str(train), "--resolution", "64", "--caption_extention", ".txt",
                               "--enable_bucket", "--min_bucket_reso", "32", "--max_bucket_reso", "128",
@@ -81,17 +66,8 @@ batch_size = 2
 def test_flags_are_defaults_below_a_dataset_toml(folders):
     """--train_batch_size is the batch size of a [[datasets]] that sets none; a value in the TOML wins."""
     img = (folders["train"] / "10_sks dog").as_posix()
-    toml = write_toml(folders["root"] / "d.toml", f"""
-[[datasets]]
-resolution = 64
-  [[datasets.subsets]]
-  image_dir = '{img}'
-[[datasets]]
-resolution = 64
-batch_size = 1
-  [[datasets.subsets]]
-  image_dir = '{img}'
-""")
+    toml = write_dataset_toml(folders["root"] / "d.toml", {"resolution": 64, "subsets": [{"image_dir": img}]},
+                              {"resolution": 64, "batch_size": 1, "subsets": [{"image_dir": img}]})
     report = dataset_info("--dataset_config", toml, "--train_batch_size", "3", "--dataset_repeats", "4")
     assert [d["batch_size"] for d in report["datasets"]] == [3, 1]
     assert report["datasets"][0]["subsets"][0]["num_repeats"] == 4

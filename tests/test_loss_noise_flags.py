@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_script, write_toml
+from conftest import run_script, write_dataset_toml, write_toml
 from test_train_sdxl_network import read_losses, run_toml
 
 from library.families import noise as N
@@ -292,21 +292,8 @@ def test_prior_loss_weight_only_changes_runs_with_reg_images(tmp_path, tiny_sdxl
     reg = tmp_path / "reg"
     make_shapes_dataset(str(reg), 2, sizes=[(64, 64)], seed=7)
     img = shapes_dataset["image_dir"]
-    with_reg = write_toml(tmp_path / "with_reg.toml", f"""
-[general]
-caption_extension = ".txt"
-
-[[datasets]]
-resolution = 64
-batch_size = 4
-
-  [[datasets.subsets]]
-  image_dir = '{img}'
-
-  [[datasets.subsets]]
-  image_dir = '{reg}'
-  is_reg = true
-""")
+    with_reg = write_dataset_toml(tmp_path / "with_reg.toml", {"resolution": 64, "batch_size": 4, "subsets": [
+        {"image_dir": img}, {"image_dir": str(reg), "is_reg": True}]}, general={"caption_extension": ".txt"})
     plain_toml = shapes_dataset["config"]
     base = _train(tmp_path, tiny_sdxl_file, plain_toml, "noreg_base")
     assert _train(tmp_path, tiny_sdxl_file, plain_toml, "noreg_prior", prior_loss_weight=0.25) == base

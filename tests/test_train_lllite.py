@@ -74,7 +74,7 @@ def test_trained_lllite_uses_the_conditioning(tmp_path, tiny_sdxl_file):
     conditioning image and the trained LLLite beats the untrained one on held-out pairs. (That it learns the
     position itself, not only a bias, is shown on a designed target in test_lllite_network.py: the tiny random
     U-Net here is too weak a base for that to show in 40 steps.)"""
-    from conftest import write_toml
+    from conftest import write_dataset_toml
     from library.data.images import load_image
     from library.data.synthetic import make_shapes_dataset
     from library.models.sdxl_loader import load_sdxl
@@ -83,17 +83,9 @@ def test_trained_lllite_uses_the_conditioning(tmp_path, tiny_sdxl_file):
 
     make_shapes_dataset(str(tmp_path / "img"), 8, seed=1, conditioning_dir=str(tmp_path / "cond"))
     make_shapes_dataset(str(tmp_path / "held_img"), 4, seed=99, conditioning_dir=str(tmp_path / "held_cond"))
-    ds = write_toml(tmp_path / "ds.toml", f"""
-[general]
-caption_extension = ".txt"
-class_tokens = "shape"
-[[datasets]]
-resolution = 64
-batch_size = 4
-  [[datasets.subsets]]
-  image_dir = '{tmp_path / "img"}'
-  conditioning_data_dir = '{tmp_path / "cond"}'
-""")
+    ds = write_dataset_toml(tmp_path / "ds.toml", {"resolution": 64, "batch_size": 4, "subsets": [
+        {"image_dir": str(tmp_path / "img"), "conditioning_data_dir": str(tmp_path / "cond")}]},
+        general={"caption_extension": ".txt", "class_tokens": "shape"})
     cfg = run_toml(tmp_path, tiny_sdxl_file, ds, max_train_steps=40, learning_rate=3e-2, min_timestep=500,
                    max_timestep=900, cache_latents=True, **LLLITE)
     r = run_script("sdxl_train_control_net_lllite.py", "--config_file", cfg)

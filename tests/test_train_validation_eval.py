@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import run_script, write_toml
+from conftest import run_script, write_dataset_toml
 from test_train_sdxl_network import run_toml
 
 
@@ -22,17 +22,9 @@ def _split_dataset(tmp_path) -> str:
     from library.data.synthetic import make_shapes_dataset
 
     make_shapes_dataset(str(tmp_path / "img"), 6, sizes=[(64, 64)], seed=5)
-    return write_toml(tmp_path / "ds.toml", f"""
-[general]
-caption_extension = ".txt"
-[[datasets]]
-resolution = 64
-batch_size = 2
-  [[datasets.subsets]]
-  image_dir = '{tmp_path / "img"}'
-  validation_split = 0.34
-  validation_seed = 1
-""")
+    subset = {"image_dir": str(tmp_path / "img"), "validation_split": 0.34, "validation_seed": 1}
+    return write_dataset_toml(tmp_path / "ds.toml", {"resolution": 64, "batch_size": 2, "subsets": [subset]},
+                              general={"caption_extension": ".txt"})
 
 
 def _validation_losses(text: str) -> list[float]:
