@@ -305,28 +305,16 @@ class _Context:
     def choose_kind(self, subsets: list[SubsetConfig], table: str) -> DatasetKind:
         """sd-scripts' rule: all subsets with conditioning_data_dir -> controlnet; all with metadata_file ->
         finetuning; none with either -> dreambooth. A mixture cannot be one dataset (different loaders)."""
-        with_cond = [s for s in subsets if s.conditioning_data_dir]
-        with_meta = [s for s in subsets if s.metadata_file]
-        if with_cond:
-            if len(with_cond) != len(subsets):
-                odd = next(s for s in subsets if not s.conditioning_data_dir)
-                raise self.error(
-                    "mixes ControlNet subsets (with conditioning_data_dir) and other subsets "
-                    f"({odd.table} has none); split them into separate [[datasets]]",
-                    table,
-                    "conditioning_data_dir",
-                )
-            return "controlnet"
-        if with_meta:
-            if len(with_meta) != len(subsets):
-                odd = next(s for s in subsets if not s.metadata_file)
-                raise self.error(
-                    "mixes fine-tuning subsets (with metadata_file) and DreamBooth subsets "
-                    f"({odd.table} has none); split them into separate [[datasets]]",
-                    table,
-                    "metadata_file",
-                )
-            return "finetuning"
+        rules = (("conditioning_data_dir", "controlnet", "ControlNet subsets", "other subsets"),
+                 ("metadata_file", "finetuning", "fine-tuning subsets", "DreamBooth subsets"))
+        for key, kind, these, others in rules:
+            having = [s for s in subsets if getattr(s, key)]
+            if having:
+                if len(having) != len(subsets):
+                    odd = next(s for s in subsets if not getattr(s, key))
+                    raise self.error(f"mixes {these} (with {key}) and {others} ({odd.table} has none); split them "
+                                     "into separate [[datasets]]", table, key)
+                return kind
         return "dreambooth"
 
     def check_paths(self, subset: SubsetConfig, kind: DatasetKind) -> None:
