@@ -6,7 +6,7 @@ single-file and diffusers outputs of one seed hold the same tensors.
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -31,21 +31,26 @@ def seed_part(seed: int, offset: int) -> None:
     torch.manual_seed(seed * 1000 + offset)
 
 
+def build_seeded(seed: int, first_offset: int, *builders: Callable[[], torch.nn.Module]) -> list[torch.nn.Module]:
+    """Build each model from its own seeded generator state (offsets first_offset, first_offset + 1, ...), so a
+    model's weights do not depend on the others; the caller's generator state is left as it was. Eval mode."""
+    models: list[torch.nn.Module] = []
+    with torch.random.fork_rng(devices=[]):
+        for offset, build in enumerate(builders, start=first_offset):
+            seed_part(seed, offset)
+            models.append(build())
+    for model in models:
+        model.eval()
+    return models
+
+
 def build_tiny_sdxl(seed: int = 0) -> SDXLModels:
     """Randomly initialised tiny SDXL (float32, eval mode) with the shipped CLIP tokenizers."""
-    fork_devices: list[int] = []
-    with torch.random.fork_rng(devices=fork_devices):
-        seed_part(seed, 1)
-        unet = UNet2DConditionModel(**TINY_SDXL_UNET)
-        seed_part(seed, 2)
-        vae = AutoencoderKL(**TINY_SDXL_VAE)
-        seed_part(seed, 3)
-        te1 = CLIPTextModel(CLIPTextConfig(**TINY_SDXL_TE1))
-        seed_part(seed, 4)
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SDXL_TE2))
+    unet, vae, te1, te2 = build_seeded(
+        seed, 1, lambda: UNet2DConditionModel(**TINY_SDXL_UNET), lambda: AutoencoderKL(**TINY_SDXL_VAE),
+        lambda: CLIPTextModel(CLIPTextConfig(**TINY_SDXL_TE1)),
+        lambda: CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SDXL_TE2)))
     tok1, tok2 = load_sdxl_tokenizers()
-    for model in (unet, vae, te1, te2):
-        model.eval()
     return SDXLModels(unet, vae, te1, te2, tok1, tok2)
 
 

@@ -12,13 +12,12 @@ import io
 import os
 from typing import Literal
 
-import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
 
 from library.errors import UserError
 from library.models.flux_loader import FluxModels, save_flux_single_files
-from library.models.tiny import seed_part
+from library.models.tiny import build_seeded
 from library.models.tiny_configs import TINY_SDXL_TE1
 from library.models.tokenizers import shipped_clip_tokenizer
 
@@ -74,17 +73,9 @@ def build_tiny_t5_tokenizer() -> T5Tokenizer:
 
 def build_tiny_flux(seed: int = 0) -> FluxModels:
     """Randomly initialised tiny FLUX (float32, eval mode) with the shipped CLIP tokenizer and a tiny T5 one."""
-    with torch.random.fork_rng(devices=[]):
-        seed_part(seed, 11)
-        transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER)
-        seed_part(seed, 12)
-        ae = AutoencoderKL(**TINY_FLUX_AE)
-        seed_part(seed, 13)
-        clip_l = CLIPTextModel(CLIPTextConfig(**TINY_CLIP_L))
-        seed_part(seed, 14)
-        t5 = T5EncoderModel(T5Config(**TINY_T5))
-    for m in (transformer, ae, clip_l, t5):
-        m.eval()
+    transformer, ae, clip_l, t5 = build_seeded(
+        seed, 11, lambda: FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER), lambda: AutoencoderKL(**TINY_FLUX_AE),
+        lambda: CLIPTextModel(CLIPTextConfig(**TINY_CLIP_L)), lambda: T5EncoderModel(T5Config(**TINY_T5)))
     return FluxModels(transformer, ae, clip_l, t5, shipped_clip_tokenizer(), build_tiny_t5_tokenizer())
 
 
