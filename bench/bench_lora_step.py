@@ -264,8 +264,9 @@ def run_variant(cfg: BenchConfig, variant: str) -> dict[str, Any]:
 
     from library.families import noise as noise_lib
     from library.families.interface import NoisyInput
+    from library.config.training_flags import TrainingConfig
     from library.families.sdxl import SDXLFamily
-    from library.train.loop import masked_mse
+    from library.train.loss_step import compute_loss
 
     device = torch.device(cfg.device)
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
@@ -301,13 +302,14 @@ def run_variant(cfg: BenchConfig, variant: str) -> dict[str, Any]:
     alphas = family.alphas_cumprod
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
+    training = TrainingConfig()  # the trainer's defaults: l2 loss, no mask, no weighting
+
     def loss_ours(noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        # Trainer._loss: SDXLFamily.predict (pooled + size ids as added_cond_kwargs), masked_mse in fp32
+        # Trainer._loss's compute_loss: SDXLFamily.predict (pooled + size ids as added_cond_kwargs), the l2 loss in
+        # fp32; the noise and timesteps are the fixed draws both variants share
         inp = NoisyInput(noisy=noise_lib.add_noise(latents, noise, t, alphas), noise=noise, timesteps=t, extras={})
-        with autocast:
-            pred = family.predict({"unet": unet}, inp, {"encoder_hidden_states": hidden, "pooled": pooled},
-                                  data["size_batch"])
-        return masked_mse(pred, noise, None, None)
+        return compute_loss(family, {"unet": unet}, training, data["size_batch"], latents,
+                            {"encoder_hidden_states": hidden, "pooled": pooled}, inp=inp, autocast=lambda: autocast)
 
     def loss_peft(noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # train_text_to_image_lora_sdxl.py: unet(noisy, t, prompt_embeds, added_cond_kwargs), F.mse_loss in fp32

@@ -2,12 +2,15 @@
 cache or encoded now) and latents (from the cache or encoded now, with per-sample posterior draws)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from library.train.session import Session
 
-def batch_text(session: Any, batch: Any, grad: bool) -> dict[str, torch.Tensor]:
+
+def batch_text(session: Session, batch: Any, grad: bool) -> dict[str, torch.Tensor]:
     s = session
     if s.text_cache is not None:
         outs = [s.text_cache.get(c) for c in batch.captions]
@@ -16,7 +19,7 @@ def batch_text(session: Any, batch: Any, grad: bool) -> dict[str, torch.Tensor]:
         return s.family.encode_text(s.models, batch.captions)
 
 
-def batch_latents(session: Any, batch: Any, gens: list[torch.Generator]) -> torch.Tensor:
+def batch_latents(session: Session, batch: Any, gens: list[torch.Generator]) -> torch.Tensor:
     s = session
     if batch.latents is not None:
         return batch.latents.to(s.accelerator.device, s.weight_dtype)

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from library.eval.report import compare_reports, evaluate_folders, write_report_json
 
+if TYPE_CHECKING:
+    from library.train.session import Session
+
 
 class TrainingEvaluator:
-    def __init__(self, session: Any):
+    def __init__(self, session: Session):
         from library.eval.metrics import load_clip_model, load_dino_model
 
         self.s = session

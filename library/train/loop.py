@@ -5,7 +5,6 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,8 +20,9 @@ from library.train.attention import configure_training_attention
 from library.train.batch_inputs import batch_latents, batch_text
 from library.train.epoch_plan import PlannedBatch, plan_epoch
 from library.train.initial_step import start_position
-from library.train.loop_math import all_reduce_mean_, loss_mask, nonfinite_grads, step_generator, training_loss
-from library.train.network_adapter import TrainNetwork, build_network
+from library.train.loop_math import all_reduce_mean_, nonfinite_grads, step_generator
+from library.train.loss_step import compute_loss
+from library.train.network_adapter import build_network
 from library.train.optim import set_schedule_free_mode
 from library.train.preflight import preflight
 from library.train.rescue import (RescueReport, StopSignal, TrainingTerminated, rescue_folders, save_everything,
@@ -31,36 +31,11 @@ from library.train.retention import (epoch_to_remove, every_n_epochs_from_ratio,
                                      step_to_remove)
 from library.train.scale_out import (ShardingOptions, check_sharding_compatible, local_share, shard_frozen_model,
                                      take_sharding_request)
+from library.train.session import Session, TrainResult
 from library.train.trackers import init_trackers
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass
-class TrainResult:
-    output_file: str
-    global_step: int
-    losses: list[float] = field(default_factory=list)
-
-
-@dataclass
-class Session:
-    """Everything built once before the loop starts."""
-
-    cfg: RunConfig
-    family: ModelFamily
-    accelerator: Any
-    models: dict[str, Any]
-    network: TrainNetwork
-    datasets: list[Any]
-    optimizer: Any
-    scheduler: Any
-    text_cache: Any
-    weight_dtype: torch.dtype
-    total_steps: int
-    batches_per_epoch: int
-    sharded: bool = False  # the base model is FSDP-sharded: every process takes part in each forward
 
 
 def prepare_base_models(cfg: RunConfig, family: ModelFamily, models: dict[str, Any], device: torch.device,
@@ -191,18 +166,9 @@ class Trainer:
                 for j in range(len(batch.captions))]
         latents = batch_latents(s, batch, gens)
         text = batch_text(s, batch, grad=s.network.trains_text_encoder)
-        inp = s.family.noise_and_timesteps(latents, gens, t)
-        torch.manual_seed(step_generator(t.seed, self.state.global_step, micro).initial_seed() % (2 ** 31))
-        s.network.before_forward(batch)
-        with s.accelerator.autocast():
-            pred = s.family.predict(s.models, inp, text, batch)
-        target = s.family.loss_target(s.models, latents, inp)
-        weights = s.family.loss_weights(s.models, inp, t)
-        threshold_of = getattr(s.family, "huber_threshold", None)  # families without it: l1 / l2 only
-        return training_loss(pred, target, loss_type=t.loss_type,
-                             threshold=threshold_of(inp, t) if threshold_of else None,
-                             mask=loss_mask(batch, t.masked_loss), weights=weights,
-                             sample_weights=getattr(batch, "loss_weights", None))
+        seed = step_generator(t.seed, self.state.global_step, micro).initial_seed() % (2 ** 31)
+        return compute_loss(s.family, s.models, t, batch, latents, text, generators=gens, seed=seed,
+                            before_forward=s.network.before_forward, autocast=s.accelerator.autocast)
 
     def _load(self, pb: PlannedBatch, indices: list[int]) -> Any:
         ds = self.s.datasets[pb.dataset_index]

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from library.families.interface import SampleRequest
+
+if TYPE_CHECKING:
+    from library.train.session import Session
 
 DEFAULT_SAMPLE_STEPS = 30
 DEFAULT_SAMPLE_SCALE = 7.0
@@ -76,7 +79,7 @@ def check_prompt_file(path: str, seed: int) -> list[str]:
     return problems
 
 
-def sample_during_training(session: Any, step: int, out_dir: str | None = None, multiplier: float | None = None,
+def sample_during_training(session: Session, step: int, out_dir: str | None = None, multiplier: float | None = None,
                            log_images: bool = True, write: bool = True) -> list[str]:
     """Generate the sample prompts with the network as it is now (or at `multiplier`, e.g. 0 for the base model);
     restore training mode, the multiplier and the RNG afterwards."""
@@ -141,7 +144,7 @@ def _sampler_of(request: SampleRequest, default: str) -> str:
     return (request.extras or {}).get("sampler") or default
 
 
-def _log_images(session: Any, images: list[Any], step: int) -> None:
+def _log_images(session: Session, images: list[Any], step: int) -> None:
     try:
         tracker = session.accelerator.get_tracker("tensorboard", unwrap=True)
     except Exception:  # no tensorboard tracker configured

@@ -5,18 +5,22 @@ and across runs with the same seed.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from library.train.batch_inputs import batch_latents, batch_text
-from library.train.loop_math import loss_mask, step_generator, training_loss
+from library.train.loop_math import step_generator
+from library.train.loss_step import compute_loss
+
+if TYPE_CHECKING:
+    from library.train.session import Session
 
 VALIDATION_STEP = -1  # a loop position no training step uses: its generators are the validation ones
 
 
 @torch.no_grad()
-def validation_loss(session: Any) -> float | None:
+def validation_loss(session: Session) -> float | None:
     s = session
     total, count = 0.0, 0
     net = s.network.module
@@ -32,16 +36,10 @@ def validation_loss(session: Any) -> float | None:
             gens = [step_generator(s.cfg.training.seed, VALIDATION_STEP, 0, i) for i in indices]
             latents = batch_latents(s, batch, gens)
             text = batch_text(s, batch, grad=False)
-            inp = s.family.noise_and_timesteps(latents, gens, s.cfg.training)
-            s.network.before_forward(batch)
-            with s.accelerator.autocast():
-                pred = s.family.predict(s.models, inp, text, batch)
-            target = s.family.loss_target(s.models, latents, inp)
-            t = s.cfg.training  # the training loss function (--loss_type, --masked_loss), unweighted
-            threshold_of = getattr(s.family, "huber_threshold", None)
-            loss = training_loss(pred, target, loss_type=t.loss_type,
-                                 threshold=threshold_of(inp, t) if threshold_of else None,
-                                 mask=loss_mask(batch, t.masked_loss))
+            # the training loss function (--loss_type, --masked_loss), unweighted
+            loss = compute_loss(s.family, s.models, s.cfg.training, batch, latents, text, generators=gens,
+                                before_forward=s.network.before_forward, autocast=s.accelerator.autocast,
+                                weighted=False)
             total += loss.item() * len(indices)
             count += len(indices)
     finally:
