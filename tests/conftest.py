@@ -69,6 +69,27 @@ def randomize_lora_up(network, seed: int, scale: float) -> None:
             lora.lora_up.weight.copy_(torch.randn(lora.lora_up.weight.shape, generator=g) * scale)
 
 
+def flux_lora_model(tiny, fp8: bool = False) -> tuple:
+    """A frozen copy of the tiny FLUX transformer (optionally fp8 Linears) with a LoRA on it whose up weights are
+    random and nonzero, in training mode with gradient checkpointing: what the block-swap tests step."""
+    import copy
+
+    import torch
+
+    from library.models.lowvram import apply_fp8_linear
+    from networks.lora_flux import create_network
+
+    tr = copy.deepcopy(tiny.transformer).requires_grad_(False)
+    if fp8:
+        apply_fp8_linear(tr, torch.float32)
+    net = create_network(1.0, 4, 4.0, tiny.ae, [tiny.clip_l, tiny.t5], tr)
+    net.apply_to([tiny.clip_l, tiny.t5], tr, apply_text_encoder=False, apply_unet=True)
+    randomize_lora_up(net, seed=5, scale=0.1)
+    tr.enable_gradient_checkpointing()
+    tr.train()
+    return tr, net
+
+
 def write_toml(path: Path, text: str) -> str:
     path.write_text(text, encoding="utf-8")
     return str(path)

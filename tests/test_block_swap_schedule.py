@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from library.models.lowvram import BlockSwapper, apply_fp8_linear  # noqa: E402
+from conftest import flux_lora_model  # noqa: E402
+from library.models.lowvram import BlockSwapper  # noqa: E402
 from library.models.swap_schedule import (CudaStreams, Evict, Fetch, InlineStreams, SwapPlan,  # noqa: E402
                                           expected_after)
 
@@ -156,22 +157,6 @@ def _inputs(tr, seed: int = 1) -> dict:
                 guidance=torch.full((1,), 3.5))
 
 
-def _lora_model(tiny, fp8: bool = False):
-    from conftest import randomize_lora_up
-
-    from networks.lora_flux import create_network
-
-    tr = copy.deepcopy(tiny.transformer).requires_grad_(False)
-    if fp8:
-        apply_fp8_linear(tr, torch.float32)
-    net = create_network(1.0, 4, 4.0, tiny.ae, [tiny.clip_l, tiny.t5], tr)
-    net.apply_to([tiny.clip_l, tiny.t5], tr, apply_text_encoder=False, apply_unet=True)
-    randomize_lora_up(net, seed=5, scale=0.1)
-    tr.enable_gradient_checkpointing()
-    tr.train()
-    return tr, net
-
-
 def _step(tr, net, log: list | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     net.zero_grad(set_to_none=True)
     out = tr(**_inputs(tr)).sample
@@ -230,7 +215,7 @@ def test_swapper_with_a_lagging_copy_stream_is_exact(tiny, monkeypatch, fp8, pre
         raise AssertionError("block swapping must not synchronise the device")
 
     monkeypatch.setattr(torch.cuda, "synchronize", no_sync)
-    tr, net = _lora_model(tiny, fp8)
+    tr, net = flux_lora_model(tiny, fp8)
     want_out, want_grads = _step(tr, net)
     with torch.no_grad():
         tr.eval()
@@ -382,7 +367,7 @@ def test_swapper_on_cuda_is_exact_with_pinned_buffers_and_a_side_stream(tiny, mo
     def no_sync(*a, **k):
         raise AssertionError("block swapping must not synchronise the device")
 
-    tr, net = _lora_model(tiny, fp8)
+    tr, net = flux_lora_model(tiny, fp8)
     tr.to("cuda")
     net.to("cuda")
 

@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import build_shapes_dataset, randomize_lora_up, run_script  # noqa: E402
+from conftest import build_shapes_dataset, flux_lora_model, run_script  # noqa: E402
 
 from library.errors import UserError  # noqa: E402
 from library.models.lowvram import BlockSwapper, Fp8Linear, apply_fp8_linear, linear_weight_bytes  # noqa: E402
@@ -95,18 +95,6 @@ def test_lora_trains_on_fp8_layers_and_must_come_after(tiny):
 
 
 # ------------------------------------------------------------------------------------------------- block swapping
-def _lora_model(tiny):
-    from networks.lora_flux import create_network
-
-    tr = copy.deepcopy(tiny.transformer).requires_grad_(False)
-    net = create_network(1.0, 4, 4.0, tiny.ae, [tiny.clip_l, tiny.t5], tr)
-    net.apply_to([tiny.clip_l, tiny.t5], tr, apply_text_encoder=False, apply_unet=True)
-    randomize_lora_up(net, seed=5, scale=0.1)
-    tr.enable_gradient_checkpointing()
-    tr.train()
-    return tr, net
-
-
 def _step(tr, net) -> tuple[torch.Tensor, list[torch.Tensor]]:
     net.zero_grad(set_to_none=True)
     out = tr(**_inputs(tr, seed=1)).sample
@@ -118,7 +106,7 @@ def test_block_swapper_is_exact_and_moves_blocks_in_order_under_checkpointing(ti
     """The swapper's moves through the real hooks (the schedule and its streams: tests/test_block_swap_schedule.py).
     Without prefetching a block comes in when it runs and leaves when another one needs the slot; the last forward
     block stays for the backward, which re-runs the blocks last to first."""
-    tr, net = _lora_model(tiny)
+    tr, net = flux_lora_model(tiny)
     want_out, want_grads = _step(tr, net)
 
     swapper = BlockSwapper.attach(tr, 3, "cpu", record=True, prefetch=0)  # double 1, single 0, single 1
@@ -151,7 +139,7 @@ def test_block_swapper_is_exact_and_moves_blocks_in_order_under_checkpointing(ti
 
 
 def test_block_swapper_prefetches_one_block_by_default(tiny):
-    tr, net = _lora_model(tiny)
+    tr, net = flux_lora_model(tiny)
     want_out, want_grads = _step(tr, net)
     swapper = BlockSwapper.attach(tr, 3, "cpu", record=True)
     assert swapper.prefetch == 1 and len(swapper._slots) == 2
