@@ -90,6 +90,13 @@ def flux_lora_model(tiny, fp8: bool = False) -> tuple:
     return tr, net
 
 
+def save_random_lora(network, path: Path, seed: int = 3, scale: float = 0.5) -> str:
+    """Save `network` after randomize_lora_up: a LoRA file that visibly changes what the model generates."""
+    randomize_lora_up(network, seed=seed, scale=scale)
+    network.save_weights(str(path))
+    return str(path)
+
+
 def write_toml(path: Path, text: str) -> str:
     path.write_text(text, encoding="utf-8")
     return str(path)

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_lora_up, run_script
+from conftest import run_script, save_random_lora
 from PIL import Image
 
 from library.cli import run_main
@@ -26,10 +26,7 @@ def flux_lora(tmp_path_factory) -> str:
 
     m = build_tiny_flux(0)
     net = create_network(1.0, 4, 4.0, m.ae, [m.clip_l, m.t5], m.transformer)
-    randomize_lora_up(net, seed=3, scale=0.5)
-    path = tmp_path_factory.mktemp("nets") / "flux_lora.safetensors"
-    net.save_weights(str(path))
-    return str(path)
+    return save_random_lora(net, tmp_path_factory.mktemp("nets") / "flux_lora.safetensors")
 
 
 def fcfg(model: str, outdir: Path, prompts: list[str], flux: FluxOptions | None = None, **kw) -> FluxGenerationConfig:

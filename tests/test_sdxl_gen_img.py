@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import randomize_lora_up, run_script
+from conftest import run_script, save_random_lora
 from library.cli import run_main
 from library.prompts.language import parse_prompt_line
 from library.prompts.png_metadata import read_png_info
@@ -48,10 +48,7 @@ def lora_file(tmp_path_factory) -> str:
 
     m = build_tiny_sdxl(0)
     net = create_network(1.0, 4, 4.0, m.vae, [m.text_encoder1, m.text_encoder2], m.unet)
-    randomize_lora_up(net, seed=3, scale=0.5)
-    path = tmp_path_factory.mktemp("nets") / "lora.safetensors"
-    net.save_weights(str(path))
-    return str(path)
+    return save_random_lora(net, tmp_path_factory.mktemp("nets") / "lora.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import randomize_lora_up
+from conftest import save_random_lora
 from library.errors import UserError
 from library.synth import pipeline, training
 from test_synthesize import make_inputs, options, read_jsonl, tiny_depth_model
@@ -44,9 +44,7 @@ def tiny_flux(tmp_path_factory, tiny_flux_single) -> dict[str, str]:
     out["controlnet"] = str(root / "cn")
     m = build_tiny_flux(0)
     net = create_network(1.0, 4, 4.0, m.ae, [m.clip_l, m.t5], m.transformer)
-    randomize_lora_up(net, seed=3, scale=0.5)
-    net.save_weights(str(root / "lora.safetensors"))
-    out["lora"] = str(root / "lora.safetensors")
+    out["lora"] = save_random_lora(net, root / "lora.safetensors")
     return out
 
 
