@@ -11,11 +11,19 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from library.config.model_flags import ModelConfig
+
+if TYPE_CHECKING:  # annotations only: the hooks' argument types, imported without loading them at run time
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    from library.config.train_config import RunConfig
+    from library.config.training_flags import TrainingConfig
+    from library.data.dataset import Batch
 
 
 @dataclass
@@ -39,7 +47,7 @@ class ModelFamily(ABC):
         self.config = config if config is not None else ModelConfig()
 
     @abstractmethod
-    def load_models(self, cfg: Any, dtype: torch.dtype) -> dict[str, Any]:
+    def load_models(self, cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
         """Return a dict with at least the denoiser, "vae", "text_encoders" (list) and "tokenizers" (list)."""
 
     @abstractmethod
@@ -51,29 +59,31 @@ class ModelFamily(ABC):
         ...
 
     @abstractmethod
-    def encode_images(self, models: dict[str, Any], images: torch.Tensor, generators: Any = None) -> torch.Tensor:
+    def encode_images(self, models: dict[str, Any], images: torch.Tensor,
+                      generators: list[torch.Generator] | None = None) -> torch.Tensor:
         """Pixels in [-1, 1] -> scaled latents; `generators` (one per sample) make the posterior sample
         reproducible."""
 
     @abstractmethod
     def noise_and_timesteps(self, latents: torch.Tensor, generator: torch.Generator | list[torch.Generator],
-                            cfg: Any) -> NoisyInput:
+                            cfg: TrainingConfig) -> NoisyInput:
         """`generator` is one generator per sample (or one for the batch): draw with library.families.noise.randn/rand
         so that a sample's noise does not depend on how a global batch is split across processes."""
 
     @abstractmethod
-    def predict(self, models: dict[str, Any], inp: NoisyInput, text: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+    def predict(self, models: dict[str, Any], inp: NoisyInput, text: dict[str, torch.Tensor],
+                batch: Batch) -> torch.Tensor:
         ...
 
     @abstractmethod
     def loss_target(self, models: dict[str, Any], latents: torch.Tensor, inp: NoisyInput) -> torch.Tensor:
         ...
 
-    def loss_weights(self, models: dict[str, Any], inp: NoisyInput, cfg: Any) -> torch.Tensor | None:
+    def loss_weights(self, models: dict[str, Any], inp: NoisyInput, cfg: TrainingConfig) -> torch.Tensor | None:
         """Per-sample loss weights (e.g. min-SNR); None for uniform."""
         return None
 
-    def modules_kept_off_device(self, models: dict[str, Any], cfg: Any) -> list[torch.nn.Module]:
+    def modules_kept_off_device(self, models: dict[str, Any], cfg: RunConfig) -> list[torch.nn.Module]:
         """Submodules of the denoiser that must never be moved to the device as a whole (blocks that
         --blocks_to_swap keeps on the CPU): moving them in first and out afterwards would need the whole model's
         memory on the device at load time, which is what swapping exists to avoid."""
@@ -83,20 +93,20 @@ class ModelFamily(ABC):
         """The denoiser's blocks, in run order: one FSDP unit each when the base model is sharded."""
         return []
 
-    def after_base_models_prepared(self, models: dict[str, Any], cfg: Any, device: torch.device) -> None:
+    def after_base_models_prepared(self, models: dict[str, Any], cfg: RunConfig, device: torch.device) -> None:
         """Called once the frozen base models have their device and weight dtype, before any network is attached:
         the place for storage tricks that a later `.to(dtype)` would undo (fp8 weights, block swapping)."""
 
     @abstractmethod
-    def build_pipeline(self, models: dict[str, Any], sampler: str | None = None, edit: bool = False) -> Any:
+    def build_pipeline(self, models: dict[str, Any], sampler: str | None = None, edit: bool = False) -> DiffusionPipeline:
         """The diffusers pipeline that generates with `models`, built quiet (no progress bar: sampling in training
         runs between steps; the generation scripts turn the bar on). `sampler` is an sd-scripts sampler name
         (library/prompts/samplers.py; a family with one sampler ignores it). `edit=True` asks for the pipeline
         that edits a given image (FLUX Kontext); a family without one raises UserError."""
 
     @abstractmethod
-    def sample_images(self, models: dict[str, Any], prompts: list[Any], sampler: str,
-                      before_generate: Callable[[Any], None] | None = None) -> list[Any]:
+    def sample_images(self, models: dict[str, Any], prompts: list[SampleRequest], sampler: str,
+                      before_generate: Callable[[SampleRequest], None] | None = None) -> list[Image.Image]:
         """Generate one image per prompt spec (seeded); before_generate lets a network set per-image inputs."""
 
 
