@@ -148,9 +148,14 @@ def test_console_log_flags_write_the_log_file(tmp_path):
     assert "'notes' skipped" in text and "WARNING" in text
 
 
-def test_flux_machine_flags_map_to_their_equivalents(capsys):
+def test_flux_machine_flags_map_to_their_equivalents(capsys, monkeypatch):
     import flux_train_network
     import torch
+
+    from library.config import environment_flags
+
+    # warnings are said once per process: start from a process that has said none (other tests may have said these)
+    monkeypatch.setattr(environment_flags, "_SAID", set())
 
     from library.config.flux_config import flux_model_config
     from library.train.entry import build_script_parser
