@@ -139,13 +139,8 @@ class FluxFamily(ModelFamily):
         seq_len = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
         t = sample_sigmas(latents.shape[0], generator, self.flux, seq_len).to(latents.device)
         tb = t.view(-1, 1, 1, 1).to(latents.dtype)
-        noised_with = noise
-        if getattr(cfg, "ip_noise_gamma", None):
-            b = latents.shape[0]
-            strength = noise_lib.perturbation_strength(b, generator, cfg.ip_noise_gamma,
-                                                       cfg.ip_noise_gamma_random_strength)
-            extra = noise_lib.randn(tuple(latents.shape), generator).to(latents.device, latents.dtype)
-            noised_with = noise + strength.to(latents.device, latents.dtype).view(b, 1, 1, 1) * extra
+        noised_with = noise_lib.perturbed_noise(noise, generator, getattr(cfg, "ip_noise_gamma", None),
+                                                getattr(cfg, "ip_noise_gamma_random_strength", False))
         noisy = (1 - tb) * latents + tb * noised_with
         # drawn last, so that --kontext_degrade leaves noise and timesteps unchanged; one seed per sample
         seeds = noise_lib.sample_timesteps(latents.shape[0], generator, 0, 2 ** 31 - 1, torch.device("cpu"))

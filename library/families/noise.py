@@ -93,6 +93,17 @@ def perturbation_strength(batch: int, generators, gamma: float, random_strength:
     return torch.full((batch,), float(gamma))
 
 
+def perturbed_noise(noise: torch.Tensor, generators, gamma: float | None, random_strength: bool) -> torch.Tensor:
+    """The noise that goes into the noisy input under --ip_noise_gamma (the loss target keeps `noise`): noise plus a
+    per-sample-scaled second draw. Without gamma, `noise` itself and no draw, so runs without the flag are unchanged."""
+    if not gamma:
+        return noise
+    b = noise.shape[0]
+    strength = perturbation_strength(b, generators, gamma, random_strength)
+    extra = randn(tuple(noise.shape), generators).to(noise.device, noise.dtype)
+    return noise + strength.to(noise.device, noise.dtype).view(b, 1, 1, 1) * extra
+
+
 def sample_timesteps(batch: int, generators, min_t: int, max_t: int, device: torch.device) -> torch.Tensor:
     """Integer timesteps uniform in [min_t, max_t); min_t == max_t trains every sample at that one timestep, as
     sd-scripts does (no draw is made then)."""

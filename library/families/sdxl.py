@@ -97,13 +97,8 @@ class SDXLFamily(ModelFamily):
             noise = noise_lib.pyramid_noise(noise, generator, cfg.multires_noise_iterations,
                                             cfg.multires_noise_discount)
         t = noise_lib.sample_timesteps(latents.shape[0], generator, cfg.min_timestep, cfg.max_timestep, latents.device)
-        noised_with = noise
-        if getattr(cfg, "ip_noise_gamma", None):
-            b = latents.shape[0]
-            strength = noise_lib.perturbation_strength(b, generator, cfg.ip_noise_gamma,
-                                                       cfg.ip_noise_gamma_random_strength)
-            extra = noise_lib.randn(tuple(latents.shape), generator).to(latents.device, latents.dtype)
-            noised_with = noise + strength.to(latents.device, latents.dtype).view(b, 1, 1, 1) * extra
+        noised_with = noise_lib.perturbed_noise(noise, generator, getattr(cfg, "ip_noise_gamma", None),
+                                                getattr(cfg, "ip_noise_gamma_random_strength", False))
         noisy = noise_lib.add_noise(latents, noised_with, t, ac)
         return NoisyInput(noisy=noisy, noise=noise, timesteps=t, extras={"alphas_cumprod": ac})
 
