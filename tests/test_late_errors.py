@@ -221,22 +221,8 @@ def test_sigterm_saves_and_exits_143(tmp_path, tiny_sdxl_file, shapes_dataset):
                    network_train_unet_only=True)
     path = os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
     env = dict(os.environ, PYTHONPATH=path, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    err_file = tmp_path / "stderr.txt"
-    with open(tmp_path / "stdout.txt", "w") as out, open(err_file, "w") as errs:  # files: a pipe could fill up
-        proc = subprocess.Popen([sys.executable, str(REPO / SCRIPT), "--config_file", cfg], cwd=str(tmp_path),
-                                env=env, stdout=out, stderr=errs, text=True)
-        try:
-            deadline = time.monotonic() + 600
-            while not (log.exists() and log.read_text().strip()):
-                assert proc.poll() is None, err_file.read_text()[-3000:]
-                assert time.monotonic() < deadline, "no step within 10 minutes"
-                time.sleep(0.2)
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=600)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    err = err_file.read_text()
+    proc, err = _sigterm_after_first_step([sys.executable, str(REPO / SCRIPT), "--config_file", cfg], tmp_path, env,
+                                          log)
     assert proc.returncode == 143, (proc.returncode, err[-3000:])
     assert "Traceback" not in err, err[-3000:]
     assert "stopped by SIGTERM at step" in err, err[-3000:]
@@ -336,11 +322,23 @@ def test_sigterm_to_torchrun_saves_weights_and_state_from_both_processes(tmp_pat
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1")
+    proc, err = _sigterm_after_first_step([torchrun, "--nproc_per_node", "2", "--master_port", "29583",
+                                           "--shutdown_timeout", "300", str(REPO / SCRIPT), "--config_file", cfg],
+                                          tmp_path, env, log)
+    assert proc.returncode != 0
+    assert "stopped by SIGTERM at step" in err, err[-4000:]
+    state = assert_interrupted_files(tmp_path / "out")
+    loop_state = json.loads((state / "loop_state.json").read_text())
+    assert loop_state["num_processes"] == 2 and loop_state["global_step"] == len(read_losses(log))
+    assert (state / "rng-0.json").is_file() and (state / "rng-1.json").is_file(), sorted(os.listdir(state))
+
+
+def _sigterm_after_first_step(cmd: list[str], tmp_path, env: dict[str, str], log) -> tuple[subprocess.Popen, str]:
+    """Start a training command, send SIGTERM once its loss log shows a step, wait for it to end; return the process
+    and its stderr (written to files: a pipe could fill up)."""
     err_file = tmp_path / "stderr.txt"
     with open(tmp_path / "stdout.txt", "w") as out, open(err_file, "w") as errs:
-        proc = subprocess.Popen([torchrun, "--nproc_per_node", "2", "--master_port", "29583", "--shutdown_timeout",
-                                 "300", str(REPO / SCRIPT), "--config_file", cfg], cwd=str(tmp_path), env=env,
-                                stdout=out, stderr=errs, text=True)
+        proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=out, stderr=errs, text=True)
         try:
             deadline = time.monotonic() + 600
             while not (log.exists() and log.read_text().strip()):
@@ -352,10 +350,4 @@ def test_sigterm_to_torchrun_saves_weights_and_state_from_both_processes(tmp_pat
         finally:
             if proc.poll() is None:
                 proc.kill()
-    err = err_file.read_text()
-    assert proc.returncode != 0
-    assert "stopped by SIGTERM at step" in err, err[-4000:]
-    state = assert_interrupted_files(tmp_path / "out")
-    loop_state = json.loads((state / "loop_state.json").read_text())
-    assert loop_state["num_processes"] == 2 and loop_state["global_step"] == len(read_losses(log))
-    assert (state / "rng-0.json").is_file() and (state / "rng-1.json").is_file(), sorted(os.listdir(state))
+    return proc, err_file.read_text()
