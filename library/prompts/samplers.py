@@ -67,6 +67,13 @@ SAMPLER_ALIASES: dict[str, str] = {
 # every name a user may pass: canonical names first, then aliases
 SAMPLER_NAMES: tuple[str, ...] = (*SAMPLERS, *SAMPLER_ALIASES)
 
+# the choices of sd-scripts' `--sampler` (sdxl_gen_img.py), in its order: the command-line flag takes exactly these,
+# as there (k_heun, which sample prompts accept here, is not among them)
+SD_SCRIPTS_SAMPLER_CHOICES: tuple[str, ...] = (
+    "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++", "dpmsingle",
+    "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a",
+)
+
 # settings sd-scripts forces where a scheduler class takes them
 _QUIET_DEFAULTS: dict[str, Any] = {"steps_offset": 1, "clip_sample": False}
 
@@ -156,6 +163,7 @@ __all__ = [
     "SAMPLERS",
     "SAMPLER_ALIASES",
     "SAMPLER_NAMES",
+    "SD_SCRIPTS_SAMPLER_CHOICES",
     "SDXL_SCHEDULE",
     "SamplerNameError",
     "a1111_sampler_label",

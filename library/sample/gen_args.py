@@ -10,7 +10,7 @@ from typing import Sequence
 
 from library.errors import UserError
 from library.prompts.language import PromptSyntaxError, parse_prompt_line, parse_template, read_prompt_file
-from library.prompts.samplers import SAMPLER_NAMES
+from library.prompts.samplers import SD_SCRIPTS_SAMPLER_CHOICES
 from library.sample.controlnets import ControlNetSpec, specs_from_flags
 from library.sample.highres_fix import HighresFix
 from library.sample.generation import GenerationConfig, LLLiteSpec, NetworkSpec
@@ -30,6 +30,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--sdpa", action="store_true", help="PyTorch SDPA attention (the default; accepted for sd-scripts)")
     g.add_argument("--no_half_vae", action="store_true", help="decode with the VAE in float32 under --fp16/--bf16")
+    g.add_argument("--vae", type=str, default=None,
+                   help="a separate VAE: single file (LDM or diffusers keys) or diffusers AutoencoderKL folder")
+    g.add_argument("--textual_inversion_embeddings", type=str, nargs="*", default=None,
+                   help="sd-scripts' SDXL embedding files (clip_l + clip_g tensors); the token is the file name")
 
 
 def add_environment_args(p: argparse.ArgumentParser) -> None:
@@ -41,6 +45,8 @@ def add_environment_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--opt_channels_last", action="store_true", help="no effect: memory layout is left to PyTorch")
     g.add_argument("--vae_slices", type=int, default=None, help="no effect: use --vae_batch_size to bound memory")
     g.add_argument("--no_preview", action="store_true", help="no effect: images are never previewed")
+    g.add_argument("--clip_vision_strength", type=float, default=None,
+                   help="no effect: sd-scripts' CLIP-vision image prompt is not available for SDXL here")
     g.add_argument("--network_pre_calc", action="store_true",
                    help="no effect on the images: networks are applied as hooks (or merged with --network_merge)")
     g.add_argument("--console_log_level", type=str, default=None,
@@ -69,6 +75,8 @@ ENVIRONMENT_ONLY = {
                             "(or in latent space with --highres_fix_latents_upscaling)",
     "highres_fix_upscaler_args": "it belongs to --highres_fix_upscaler",
     "network_pre_calc": "networks are applied as hooks (or merged with --network_merge); the images are the same",
+    "clip_vision_strength": "no CLIP-vision image prompt is available for SDXL here; the text prompt's pooled "
+                            "embedding is used as usual",
 }
 
 
@@ -114,7 +122,8 @@ def add_image_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crop_left", type=int, default=None, help="SDXL crop conditioning, left (default 0)")
     g.add_argument("--steps", type=int, default=50, help="denoising steps")
     g.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
-    g.add_argument("--sampler", default="ddim", help="sampler: " + ", ".join(SAMPLER_NAMES))
+    g.add_argument("--sampler", type=str, default="ddim", choices=list(SD_SCRIPTS_SAMPLER_CHOICES),
+                   help="sampler (sd-scripts' names; k_* are aliases)")
     g.add_argument("--seed", type=int, default=None, help="run seed: image k gets a seed derived from it and k")
     g.add_argument("--image_path", default=None, help="img2img: init image, or a folder of them (cycled)")
     g.add_argument("--strength", type=float, default=None, help="img2img strength in [0, 1] (default 0.8)")
@@ -175,6 +184,21 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--network_show_meta", action="store_true", help="print the metadata of each network file")
 
 
+def add_regional_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("regional networks (library/sample/regional_mask.py)")
+    g.add_argument("--mask_path", type=str, default=None,
+                   help="mask image whose regions confine the networks: R, G, B channels for networks 1-3")
+    g.add_argument("--network_regional_mask_max_color_codes", type=int, default=None,
+                   help="regions by colour code instead (network i: the colour whose R/G/B bits spell i) for the "
+                        "first N networks")
+
+
+def add_interactive_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("interactive")
+    g.add_argument("--interactive", action="store_true",
+                   help="read prompt lines from stdin, one at a time, until end of input (instead of --prompt)")
+
+
 def add_lllite_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("ControlNet-LLLite")
     g.add_argument("--control_net_lllite_models", nargs="*", default=None, help="ControlNet-LLLite files")
@@ -199,7 +223,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, allow_abbrev=False)
     for add in (add_model_args, add_prompt_args, add_image_args, add_batch_args, add_network_args, add_lllite_args,
                 add_controlnet_args, add_highres_fix_args, add_naming_args, add_text_encoding_args,
-                add_environment_args):
+                add_regional_args, add_interactive_args, add_environment_args):
         add(p)
     return p
 
@@ -221,6 +245,8 @@ def _prompts(args: argparse.Namespace):
     if args.from_file is not None:
         return read_prompt_file(args.from_file)
     if args.prompt is None:
+        if getattr(args, "interactive", False):
+            return []  # read from stdin as the run goes
         raise UserError("no prompt: give --prompt or --from_file")
     try:
         return [parse_prompt_line(args.prompt)]
@@ -289,6 +315,9 @@ def config_from_args(args: argparse.Namespace) -> GenerationConfig:
         lllite=[LLLiteSpec(w, x) for w, x in zip(lllite_files, lllite_muls)],
         guide_image_path=guide_path, controlnets=controlnets, image_path=args.image_path, strength=args.strength,
         tokenizer_cache_dir=args.tokenizer_cache_dir, allow_pickle=args.allow_pickle,
+        vae=args.vae, textual_inversion_embeddings=tuple(args.textual_inversion_embeddings or ()),
+        interactive=args.interactive, mask_path=args.mask_path,
+        network_regional_mask_max_color_codes=args.network_regional_mask_max_color_codes,
     )
 
 

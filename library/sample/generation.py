@@ -106,6 +106,11 @@ class GenerationConfig:
     network_show_meta: bool = False
     highres_fix: Any = None  # library.sample.highres_fix.HighresFix when --highres_fix_scale is given
     max_embeddings_multiples: int | None = None  # None: 75 tokens, and the pipeline's own encoding for plain prompts
+    vae: str | None = None  # --vae: a separate VAE (single file or diffusers folder) instead of the model's
+    textual_inversion_embeddings: tuple[str, ...] = ()  # sd-scripts' SDXL embedding files (clip_l / clip_g)
+    interactive: bool = False  # --interactive: prompts are read from stdin, one per line, until end of input
+    mask_path: str | None = None  # --mask_path: regions of the networks (library.sample.regional_mask)
+    network_regional_mask_max_color_codes: int | None = None  # regions by colour code instead of by channel
 
     def __post_init__(self) -> None:
         # sd-scripts' --vae_batch_size is a float: below 1 it is a fraction of --batch_size
@@ -191,7 +196,7 @@ def check_common(config: GenerationConfig) -> None:
         raise UserError(f"--max_embeddings_multiples must be at least 1, got {config.max_embeddings_multiples}")
     if config.vae_batch_size is not None and config.vae_batch_size < 1:
         raise UserError(f"--vae_batch_size must be at least 1, got {config.vae_batch_size}")
-    if not config.prompts:
+    if not config.prompts and not config.interactive:
         raise UserError("no prompts: give --prompt or a --from_file with at least one prompt line")
     if config.sampler:
         canonical_sampler_name(config.sampler)
@@ -232,8 +237,10 @@ def load_wildcards(config: GenerationConfig) -> WildcardSet | None:
     return wildcards
 
 
-def plan_requests(config: GenerationConfig, wildcards: WildcardSet | None, base_seed: int) -> list[ImageRequest]:
-    """One request per image, in generation order: for each iteration, each prompt line, each image of the line."""
+def plan_requests(config: GenerationConfig, wildcards: WildcardSet | None, base_seed: int,
+                  start: int = 0) -> list[ImageRequest]:
+    """One request per image, in generation order: for each iteration, each prompt line, each image of the line.
+    Image indices (and so seeds and names) count from `start` (--interactive plans one line at a time)."""
     guides = list_images(config.guide_image_path, "--guide_image_path") if config.guide_image_path else []
     inits = list_images(config.image_path, "--image_path") if config.image_path else []
     cn_guides = [[list_images(g, "--guide_image_path") for g in spec.guides] for spec in config.controlnets]
@@ -247,7 +254,7 @@ def plan_requests(config: GenerationConfig, wildcards: WildcardSet | None, base_
             expanded = line.expand()
             specs = expanded if len(expanded) > 1 else [line] * config.images_per_prompt
             for spec in specs:
-                k = len(requests)
+                k = start + len(requests)
                 j = per_line_count.get(line_index, 0)
                 per_line_count[line_index] = j + 1
                 requests.append(_request(config, spec, k, j, base_seed, wildcards, guides, inits, cn_guides,

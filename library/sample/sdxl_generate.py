@@ -15,11 +15,13 @@ import torch
 from PIL import Image
 
 from library.errors import ModelLoadError, UserError
-from library.families.sdxl import SDXLFamily
+from library.families.sdxl import SDXLFamily, SDXLFamilyModels
 from library.prompts.samplers import canonical_sampler_name
 from library.sample.controlnets import build_sdxl_pipeline, check_specs, load_controlnets, sdxl_call_kwargs
 from library.sample.highres_fix import HighresFix, upscale_latents
 from library.sample.long_prompt import encode_sdxl_prompts
+from library.sample.regional_mask import attach_regions, check_regional
+from library.sample.textual_inversion import TokenExpander, load_textual_inversion
 from library.sample.generation import (
     DTYPES, SEED_RANGE, AttachedNetworks, GenerationConfig, ImageProgress, ImageRequest, check_common,
     controlnet_images, images_to_tensor, initial_noise, load_rgb, load_wildcards, make_batches, move_model,
@@ -33,6 +35,14 @@ def check_config(config: GenerationConfig) -> None:
     """Reject option combinations that cannot work, before any model is loaded."""
     check_common(config)
     check_control(config)
+    check_regional(config)
+    for path in config.textual_inversion_embeddings:
+        if not os.path.isfile(path):
+            raise UserError(f"--textual_inversion_embeddings '{path}': no such file")
+    if config.vae and not os.path.exists(config.vae):
+        raise ModelLoadError(f"--vae '{config.vae}': no such file or folder")
+    if config.interactive and config.prompts:
+        raise UserError("--interactive reads the prompts from stdin: drop --prompt / --from_file")
 
 
 def check_control(config: GenerationConfig) -> None:
@@ -69,12 +79,18 @@ class SDXLGenerator:
             move_model(model, device, self.dtype)
         move_model(models.vae, device, self.vae_dtype)
         self.models = models
+        # before the networks: their text-encoder LoRAs wrap the (resized) embedding tables' encoders
+        self.expander = load_textual_inversion(
+            config.textual_inversion_embeddings, [models.tokenizer1, models.tokenizer2],
+            [models.text_encoder1, models.text_encoder2]) if config.textual_inversion_embeddings else TokenExpander()
         self.networks = AttachedNetworks(models.vae, [models.text_encoder1, models.text_encoder2], models.unet, config,
                                          device, self.dtype)
-        family_models = {"vae": models.vae, "unet": models.unet,
-                         "text_encoders": [models.text_encoder1, models.text_encoder2],
-                         "tokenizers": [models.tokenizer1, models.tokenizer2]}
-        self.pipe = SDXLFamily().build_pipeline(family_models, config.sampler)
+        self.regions = None
+        if config.mask_path and self.networks.networks:
+            self.regions = attach_regions(self.networks.networks, config.mask_path,
+                                          config.network_regional_mask_max_color_codes,
+                                          [p.template.source for p in config.prompts if p.template is not None])
+        self.pipe = SDXLFamily().build_pipeline(SDXLFamilyModels.from_loaded(models), config.sampler)
         self._img2img = None
         self.controlnets: list = []
         self.controlnet_pipe = None
@@ -133,14 +149,17 @@ class SDXLGenerator:
         first = batch[0]
         size = (first.width, first.height)
         self.networks.set_multipliers(first.network_muls)
+        if self.regions is not None:
+            self.regions.set_size(first.width, first.height)
         guide = None
         if first.control_image is not None and control:
             guide = images_to_tensor(load_rgb(r.control_image, size) for r in batch).to(self.device)
         self.networks.set_control(guide)
         generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in batch]
         kwargs: dict[str, Any] = dict(
-            prompt=[r.prompt for r in batch],
-            negative_prompt=None if first.negative_prompt is None else [r.negative_prompt for r in batch],
+            prompt=[self.expander.expand(r.prompt) for r in batch],
+            negative_prompt=None if first.negative_prompt is None else
+            [self.expander.expand(r.negative_prompt) for r in batch],
             num_inference_steps=first.steps,
             guidance_scale=first.scale,
             generator=generators,
@@ -178,7 +197,8 @@ class SDXLGenerator:
         models = self.models
         embeds = encode_sdxl_prompts(
             [models.tokenizer1, models.tokenizer2], [models.text_encoder1, models.text_encoder2],
-            [r.prompt for r in batch], [r.negative_prompt or "" for r in batch],
+            [self.expander.expand(r.prompt) for r in batch],
+            [self.expander.expand(r.negative_prompt or "") for r in batch],
             self.config.max_embeddings_multiples or 1, self.device)
         return dict(prompt=None, negative_prompt=None, **embeds.as_kwargs())
 
@@ -214,7 +234,16 @@ def run_generation(config: GenerationConfig) -> list[Path]:
     logger.info("%d image(s) planned, run seed %d", len(requests), base_seed)
     device = resolve_device(config.device)
     models = load_sdxl(config.model, torch.float32, config.tokenizer_cache_dir, config.allow_pickle)
+    if config.vae:
+        from library.models.sdxl_loader import load_sdxl_vae
+
+        models.vae = load_sdxl_vae(config.vae, allow_pickle=config.allow_pickle)
+        logger.info("VAE from %s", config.vae)
     generator = SDXLGenerator(models, config, device)
+    if config.interactive:
+        from library.sample.interactive import run_interactive
+
+        return run_interactive(config, base_seed, generator.generate)
     return generator.generate(requests)
 
 
