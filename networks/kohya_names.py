@@ -98,3 +98,24 @@ def infer_dims_and_alphas(weights_sd: Mapping[str, torch.Tensor]) -> tuple[dict[
     for name, dim in dims.items():
         alphas.setdefault(name, float(dim))
     return dims, {name: alphas[name] for name in dims}
+
+
+# sd-scripts' SDXL block numbering of U-Net module names (block-wise network_args): 0 time/label embeddings,
+# 1-9 input_blocks 0-8, 10-12 middle_block 0-2, 13-21 output_blocks 0-8, 22 out.
+_SDXL_BLOCK_OFFSETS = (("input_blocks_", 1), ("middle_block_", 10), ("output_blocks_", 13))
+
+
+def sdxl_block_index(name: str) -> int:
+    """sd-scripts' block index (0-22) of an SDXL U-Net LoRA module name; -1 for a name outside the U-Net."""
+    prefix = "lora_unet_"
+    if not name.startswith(prefix):
+        return -1
+    rest = name[len(prefix):]
+    if rest.startswith(("time_embed_", "label_emb_")):
+        return 0
+    for start, offset in _SDXL_BLOCK_OFFSETS:
+        if rest.startswith(start):
+            return offset + int(rest[len(start):].split("_", 1)[0])
+    if rest.startswith("out_"):
+        return 22
+    return -1

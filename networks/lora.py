@@ -25,6 +25,7 @@ from library.errors import ConfigError, ModelLoadError
 from library.fileio import atomic_path, save_safetensors_atomic
 from library.models.sdxl_unet_names import diffusers_to_sgm
 from networks import kohya_names as kn
+from networks.block_args import BLOCK_ARGS, BLOCK_DIM_KEYS, BlockSettings, parse_block_lr_weights, parse_block_settings
 from networks.kinds import NetworkKind, get_network_kind
 from networks.kohya_metadata import (  # re-exported: callers import these from networks.lora
     SDXL_BASE_MODEL_VERSION,  # noqa: F401
@@ -220,6 +221,7 @@ class LoRANetwork(nn.Module):
         loraplus_unet_lr_ratio: float | None = None,
         loraplus_text_encoder_lr_ratio: float | None = None,
         kind: str | NetworkKind = "lora",
+        blocks: BlockSettings | None = None,
     ):
         super().__init__()
         self.kind = kind if isinstance(kind, NetworkKind) else get_network_kind(kind)
@@ -232,12 +234,16 @@ class LoRANetwork(nn.Module):
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.loraplus_unet_lr_ratio = loraplus_unet_lr_ratio
         self.loraplus_text_encoder_lr_ratio = loraplus_text_encoder_lr_ratio
+        # block-wise network_args (networks/block_args.py): U-Net ranks per block here, lr weights in the optimizer
+        self.blocks = blocks if modules_dim is None else None
+        self.block_lr_weight: list[float] | None = blocks.lr_weights if blocks is not None else None
 
         tes = _text_encoder_list(text_encoders)
-        include_conv = modules_dim is not None or self.conv_lora_dim is not None
+        include_conv = (modules_dim is not None or self.conv_lora_dim is not None
+                        or (self.blocks is not None and self.blocks.conv_dims is not None))
         te_targets, unet_targets = collect_targets(tes, unet, include_conv)
         self.text_encoder_loras: list[LoRAModule] = self._make_modules(te_targets, modules_dim, modules_alpha)
-        self.unet_loras: list[LoRAModule] = self._make_modules(unet_targets, modules_dim, modules_alpha)
+        self.unet_loras: list[LoRAModule] = self._make_modules(unet_targets, modules_dim, modules_alpha, self.blocks)
         self.unmatched_names: list[str] = []
         if modules_dim is not None:
             made = {m.lora_name for m in self.text_encoder_loras + self.unet_loras}
@@ -252,6 +258,7 @@ class LoRANetwork(nn.Module):
         targets: list[LoRATarget],
         modules_dim: Mapping[str, int] | None,
         modules_alpha: Mapping[str, float] | None,
+        blocks: BlockSettings | None = None,
     ) -> list[LoRAModule]:
         loras = []
         for t in targets:
@@ -260,6 +267,14 @@ class LoRANetwork(nn.Module):
                     continue
                 dim = modules_dim[t.name]
                 alpha = (modules_alpha or {}).get(t.name, dim)
+            elif blocks is not None:  # sd-scripts' block_dims & co.: the rank of the module's block (0 = none)
+                i = kn.sdxl_block_index(t.name)
+                if not t.is_conv_kxk:
+                    dim, alpha = blocks.dims[i], blocks.alphas[i]
+                elif blocks.conv_dims is not None and blocks.conv_alphas is not None:
+                    dim, alpha = blocks.conv_dims[i], blocks.conv_alphas[i]
+                else:
+                    continue
             elif t.is_conv_kxk:
                 if not self.conv_lora_dim:
                     continue
@@ -366,7 +381,16 @@ class LoRANetwork(nn.Module):
             lr = default_lr if lr is None else lr
             label = "textencoder" if prefix == "te" else f"textencoder {prefix[2:]}"
             add(by_prefix[prefix], lr, te_ratio, label)
-        add(self.unet_loras, unet_lr, self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio, "unet")
+        unet_ratio = self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio
+        if self.block_lr_weight is None:
+            add(self.unet_loras, unet_lr, unet_ratio, "unet")
+        else:  # one group per block, its lr scaled by the block's weight (a weight of 0 freezes the block)
+            by_block: dict[int, list[LoRAModule]] = {}
+            for lora in self.unet_loras:
+                by_block.setdefault(kn.sdxl_block_index(lora.lora_name), []).append(lora)
+            for i in sorted(by_block):
+                weight = self.block_lr_weight[i] if 0 <= i < len(self.block_lr_weight) else 1.0
+                add(by_block[i], None if unet_lr is None else unet_lr * weight, unet_ratio, f"unet_block{i}")
         return groups, descriptions
 
     @torch.no_grad()
@@ -461,8 +485,6 @@ class LoRANetwork(nn.Module):
 _FLOAT_ARGS = ("conv_alpha", "rank_dropout", "module_dropout", "dropout", "loraplus_lr_ratio",
                "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 _INT_ARGS = ("conv_dim",)
-_UNSUPPORTED_ARGS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
-                     "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")
 
 
 def _parse_network_args(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -471,10 +493,9 @@ def _parse_network_args(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     for key, raw in kwargs.items():
         if raw is None:
             continue
-        if key in _UNSUPPORTED_ARGS:
-            raise ConfigError(f"'{key}' (block-wise LoRA) is not supported by {NETWORK_MODULE}", table="--network_args",
-                              key=key)
-        if key in _INT_ARGS or key in _FLOAT_ARGS:
+        if key in BLOCK_ARGS:  # parsed with the network's dims (networks/block_args.py)
+            out[key] = raw
+        elif key in _INT_ARGS or key in _FLOAT_ARGS:
             try:
                 value = float(raw)
                 if key in _INT_ARGS:
@@ -503,12 +524,15 @@ def create_network(
     **kwargs: Any,
 ) -> LoRANetwork:
     """A fresh network (sd-scripts' entry point). `kwargs` are `--network_args` strings: conv_dim, conv_alpha,
-    rank_dropout, module_dropout, loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio."""
+    rank_dropout, module_dropout, loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio, and the
+    block-wise block_dims, block_alphas, conv_block_dims, conv_block_alphas, down_lr_weight, mid_lr_weight,
+    up_lr_weight, block_lr_zero_threshold (networks/block_args.py)."""
     args = _parse_network_args(kwargs)
     network_dim = 4 if network_dim is None else int(network_dim)
     network_alpha = 1.0 if network_alpha is None else float(network_alpha)
     conv_dim = args.get("conv_dim")
     conv_alpha = args.get("conv_alpha", 1.0 if conv_dim else None)
+    blocks = parse_block_settings(args, network_dim, network_alpha, conv_dim, conv_alpha)
     return LoRANetwork(
         text_encoder, unet, multiplier=multiplier, lora_dim=network_dim, alpha=network_alpha,
         dropout=neuron_dropout if neuron_dropout is not None else args.get("dropout"),
@@ -517,6 +541,7 @@ def create_network(
         loraplus_lr_ratio=args.get("loraplus_lr_ratio"),
         loraplus_unet_lr_ratio=args.get("loraplus_unet_lr_ratio"),
         loraplus_text_encoder_lr_ratio=args.get("loraplus_text_encoder_lr_ratio"),
+        blocks=blocks,
     )
 
 
@@ -594,6 +619,12 @@ def create_network_from_weights(
         network.lora_dim, network.alpha = lin[0].lora_dim, float(lin[0].alpha)
     if conv:
         network.conv_lora_dim, network.conv_alpha = conv[0].lora_dim, float(conv[0].alpha)
+    # block lr weights still scale the learning rates (--dim_from_weights); ranks are the file's
+    network.block_lr_weight = parse_block_lr_weights(kwargs)
+    ignored = [k for k in BLOCK_DIM_KEYS if kwargs.get(k) is not None]
+    if ignored:
+        logger.warning("--network_args %s: ignored, the ranks and alphas come from the weights file",
+                       ", ".join(ignored))
     return network, weights_sd
 
 
