@@ -15,6 +15,8 @@ from typing import Sequence
 
 from library.cli import run_main
 from library.config.args import add_network_args
+from library.config.compat_flags import FluxVariantFlags
+from library.config.flags import add_flag_group
 from library.config.flux_config import add_flux_args, flux_model_config
 from library.train.entry import train_from_argv
 
@@ -24,6 +26,7 @@ DEFAULT_NETWORK_MODULE = "networks.lora_flux"
 def add_args(parser: argparse.ArgumentParser) -> None:
     add_network_args(parser)
     add_flux_args(parser)
+    add_flag_group(parser, FluxVariantFlags)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

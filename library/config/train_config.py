@@ -9,8 +9,10 @@ from typing import Any
 from library.config.cache_flags import CacheConfig
 from library.config.dataset_flags import DatasetFlags
 from library.config.dataset_source import dataset_source_from_flags
+from library.config.distributed_flags import DistributedConfig
 from library.config.environment_flags import EnvironmentConfig
 from library.config.flags import config_from_namespace
+from library.config.hub_flags import HubConfig
 from library.config.log_flags import LogConfig
 from library.config.model_flags import ModelConfig
 from library.config.network_flags import NetworkConfig
@@ -21,9 +23,9 @@ from library.config.training_flags import TrainingConfig
 from library.config.validation_flags import ValidationConfig
 from library.errors import UserError
 
-__all__ = ["CacheConfig", "DatasetFlags", "EnvironmentConfig", "LogConfig", "ModelConfig", "NetworkConfig",
-           "OptimizerConfig", "RunConfig", "SampleConfig", "SaveConfig", "TrainingConfig", "ValidationConfig",
-           "from_namespace", "parse_key_values", "run_config_from_namespace"]
+__all__ = ["CacheConfig", "DatasetFlags", "DistributedConfig", "EnvironmentConfig", "HubConfig", "LogConfig",
+           "ModelConfig", "NetworkConfig", "OptimizerConfig", "RunConfig", "SampleConfig", "SaveConfig",
+           "TrainingConfig", "ValidationConfig", "from_namespace", "parse_key_values", "run_config_from_namespace"]
 
 from_namespace = config_from_namespace  # the older name, kept for callers
 
@@ -54,6 +56,8 @@ class RunConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     dataset: DatasetFlags = field(default_factory=DatasetFlags)
     environment: EnvironmentConfig = field(default_factory=EnvironmentConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # DDP / DeepSpeed flags
+    hub: HubConfig = field(default_factory=HubConfig)  # accepted, nothing is uploaded (library/config/hub_flags.py)
     family: str = "sdxl"
     network_kind: str = "lora"  # "lora" (a network_module) or "lllite"
     raw_args: dict[str, Any] = field(default_factory=dict)  # for ss_* metadata and --output_config
@@ -69,6 +73,10 @@ def run_config_from_namespace(ns: argparse.Namespace, family: str, network_kind:
         raise UserError("--full_bf16 requires --mixed_precision bf16")
     if ns.full_fp16 and ns.mixed_precision != "fp16":
         raise UserError("--full_fp16 requires --mixed_precision fp16")
+    fp8 = [f"--{n}" for n in ("fp8_base", "fp8_base_unet") if getattr(ns, n, False)]
+    if fp8 and ns.mixed_precision == "no":  # sd-scripts' rule: fp8 weights compute in the mixed-precision dtype
+        raise UserError(f"{' / '.join(fp8)} requires --mixed_precision fp16 or bf16 (the fp8 weights are computed "
+                        "in that dtype)")
     return RunConfig(
         model=config_from_namespace(ModelConfig, ns),
         training=config_from_namespace(TrainingConfig, ns, dataset_config=dataset_source_from_flags(vars(ns))),
@@ -81,6 +89,8 @@ def run_config_from_namespace(ns: argparse.Namespace, family: str, network_kind:
         validation=config_from_namespace(ValidationConfig, ns),
         dataset=config_from_namespace(DatasetFlags, ns),
         environment=config_from_namespace(EnvironmentConfig, ns),
+        distributed=config_from_namespace(DistributedConfig, ns),
+        hub=config_from_namespace(HubConfig, ns),
         family=family,
         network_kind=network_kind,
         raw_args=dict(vars(ns)),

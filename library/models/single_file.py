@@ -12,6 +12,24 @@ from library.errors import ModelLoadError
 
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
 
+_MMAP = {"enabled": True}  # --disable_mmap_load_safetensors turns it off for the whole run (set_safetensors_mmap)
+
+
+def set_safetensors_mmap(enabled: bool) -> None:
+    """Memory-map .safetensors files (the default) or read each into memory in one go (sd-scripts'
+    --disable_mmap_load_safetensors: much faster where mapped pages come slowly, e.g. WSL or network drives)."""
+    _MMAP["enabled"] = enabled
+
+
+def _read_safetensors_in_memory(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors.torch import load
+
+    with open(path, "rb") as f:
+        data = f.read()
+    header_len = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
+    return load(data), metadata
+
 
 def read_single_file(path: str, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and string metadata of a .safetensors file (or of a pickle checkpoint when allowed)."""
@@ -31,6 +49,8 @@ def read_single_file(path: str, allow_pickle: bool) -> tuple[dict[str, torch.Ten
             raise ModelLoadError(f"{path}: the checkpoint holds no state dict")
         return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, {}
     try:
+        if not _MMAP["enabled"]:
+            return _read_safetensors_in_memory(path)
         with safe_open(path, framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             return {k: f.get_tensor(k) for k in f.keys()}, metadata

@@ -5,17 +5,24 @@ import argparse
 from typing import Any, Callable, Mapping, Sequence
 
 from library.config.args import build_train_parser
+from library.config.compat_flags import ModelGenerationFlags, check_model_generation, compat_warnings
+from library.config.distributed_flags import DistributedConfig, distributed_warnings
 from library.config.environment_flags import environment_warnings, warn_once
+from library.config.hub_flags import HubConfig, check_hub_resume, hub_warnings
 from library.config.log_flags import setup_console_logging
 from library.config.run_config import parse_args_with_config, write_run_config
 from library.config.train_config import ModelConfig, run_config_from_namespace
 from library.errors import UserError
 
 
+# Groups every trainer has beyond the shared ones (sd-scripts' trainers all take them).
+TRAINER_GROUPS: tuple[type, ...] = (DistributedConfig, HubConfig, ModelGenerationFlags)
+
+
 def build_script_parser(description: str | None, add_args: Callable[[argparse.ArgumentParser], None]
                         ) -> argparse.ArgumentParser:
     """A trainer's full parser: the shared groups plus the script's own (also what the flag-set test inspects)."""
-    parser = build_train_parser(description)
+    parser = build_train_parser(description, TRAINER_GROUPS)
     add_args(parser)
     return parser
 
@@ -39,6 +46,7 @@ def train_from_argv(argv: Sequence[str] | None, *, family: str, network_kind: st
         if getattr(args, name, None) is None:
             setattr(args, name, value)
     apply_environment(args)
+    apply_machine_flags(args, family)
     from library.train.loop import train
 
     cfg = run_config_from_namespace(args, family, network_kind)
@@ -60,3 +68,18 @@ def apply_environment(args: argparse.Namespace) -> None:
         args.xformers = False
     if getattr(args, "save_model_as", None) in ("ckpt", "pt"):
         args.save_model_as = "safetensors"
+
+
+def apply_machine_flags(args: argparse.Namespace, family: str) -> None:
+    """Stop on flags that name what cannot train here (--v2 for SDXL, --model_type chroma, a Hub --resume), warn
+    once about multi-process / Hub flags done another way, and set how model files are read."""
+    from library.models.single_file import set_safetensors_mmap
+
+    values = vars(args)
+    check_model_generation(values, family)
+    check_hub_resume(values)
+    if getattr(args, "cpu_offload_checkpointing", False) and getattr(args, "blocks_to_swap", None):
+        raise UserError("--cpu_offload_checkpointing cannot be combined with --blocks_to_swap (as in sd-scripts): "
+                        "swapping already moves the blocks between CPU and GPU; drop one of them")
+    warn_once(distributed_warnings(values) + hub_warnings(values) + compat_warnings(values, family))
+    set_safetensors_mmap(not getattr(args, "disable_mmap_load_safetensors", False))

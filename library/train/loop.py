@@ -29,8 +29,9 @@ from library.train.rescue import (RescueReport, StopSignal, TrainingTerminated, 
                                   tell)
 from library.train.retention import (epoch_to_remove, every_n_epochs_from_ratio, remove_path, state_window,
                                      step_to_remove)
-from library.train.scale_out import (ShardingOptions, check_sharding_compatible, local_share, shard_frozen_model,
-                                     take_sharding_request)
+from library.train.offload_checkpointing import enable_checkpointing
+from library.train.scale_out import (ShardingOptions, accelerator_kwargs_handlers, check_sharding_compatible,
+                                     deepspeed_sharding, local_share, shard_frozen_model, take_sharding_request)
 from library.train.session import Session, TrainResult
 from library.train.trackers import init_trackers
 
@@ -57,7 +58,7 @@ def prepare_base_models(cfg: RunConfig, family: ModelFamily, models: dict[str, A
         except Exception as e:  # not installed, or no CUDA build
             print(f"warning: --xformers: cannot enable xformers attention ({e}); PyTorch SDPA is used instead")
     if cfg.training.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
+        enable_checkpointing(denoiser, cfg.environment.cpu_offload_checkpointing)
         denoiser.train()  # diffusers only checkpoints in train mode
     family.after_base_models_prepared(models, cfg, device)
 
@@ -95,13 +96,15 @@ def build_session(cfg: RunConfig) -> Session:
 
         if importlib.util.find_spec("wandb") is None:
             raise UserError("--log_with wandb needs the wandb package: pip install wandb (or the [wandb] extra)")
-    sharding = take_sharding_request()  # before the Accelerator reads the environment
+    # before the Accelerator reads the environment; --deepspeed --zero_stage 3 is the same sharding
+    sharding = take_sharding_request() or deepspeed_sharding(cfg)
     check_sharding_compatible(sharding, cfg)
     # without a GPU, cpu=True is what makes accelerate form a gloo group under torchrun (MULTI_CPU)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
                               mixed_precision=cfg.training.mixed_precision, log_with=log_with,
-                              project_dir=cfg.log.logging_dir)
+                              project_dir=cfg.log.logging_dir,
+                              kwargs_handlers=accelerator_kwargs_handlers(cfg.distributed, torch.cuda.is_available()))
     set_seed(cfg.training.seed)
     configure_training_attention(cfg.training.sdpa_cudnn)
     family = get_family(cfg.family, cfg.model)

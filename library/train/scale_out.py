@@ -14,14 +14,21 @@ accelerate's own FSDP path wraps whatever goes through `accelerator.prepare` and
 belong to that model; our network lives beside the base model, so the FSDP request is taken out of accelerate's
 environment (accelerate then runs as plain multi-process) and applied here with `fully_shard`.
 
-DeepSpeed ZeRO is refused with an error that points to the FSDP config: ZeRO-2 would shard only the LoRA's optimizer
-state (megabytes), and ZeRO-3's sharding of the frozen model is what the FSDP config does.
+DeepSpeed ZeRO through an accelerate config is refused with an error that points to the FSDP config: ZeRO-2 would
+shard only the LoRA's optimizer state (megabytes), and ZeRO-3's sharding of the frozen model is what the FSDP config
+does. sd-scripts' command-line form (`--deepspeed --zero_stage 3`, library/config/distributed_flags.py) is mapped to
+that FSDP sharding (`deepspeed_sharding`); lower stages run replicated. Both say so in one warning.
+
+The process group itself gets sd-scripts' DDP options (`accelerator_kwargs_handlers`): `--ddp_timeout` is its
+timeout; `--ddp_gradient_as_bucket_view` / `--ddp_static_graph` are handed over as sd-scripts does, though no module
+is wrapped in DDP here (a warning says so).
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
-from typing import Iterable, MutableMapping
+from typing import Any, Iterable, MutableMapping
 
 import torch
 from torch import nn
@@ -59,6 +66,47 @@ def take_sharding_request(environ: MutableMapping[str, str] | None = None) -> Sh
         offload_params=env.get("FSDP_OFFLOAD_PARAMS", "false").lower() in _TRUE)
     for key in [k for k in env if k == "ACCELERATE_USE_FSDP" or k.startswith("FSDP_")]:
         del env[key]
+    return options
+
+
+def accelerator_kwargs_handlers(dcfg: Any, cuda: bool) -> list[Any]:
+    """The kwargs handlers sd-scripts gives its Accelerator for the DDP flags (`dcfg`: a DistributedConfig, or None):
+    the process-group timeout (--ddp_timeout, minutes) and DDP's options, each only when given. No backend is named:
+    accelerate picks it (a named backend would make a single process try to join a group)."""
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    handlers: list[Any] = []
+    if dcfg is None:
+        return handlers
+    if dcfg.ddp_timeout:
+        timeout = datetime.timedelta(minutes=dcfg.ddp_timeout)
+        if not cuda and timeout == datetime.timedelta(minutes=10):
+            # accelerate passes on only values that differ from its NCCL default (10 minutes); gloo's own default is
+            # 30, so 10 minutes must differ by a microsecond to reach a gloo group
+            timeout += datetime.timedelta(microseconds=1)
+        handlers.append(InitProcessGroupKwargs(timeout=timeout))
+    if dcfg.ddp_gradient_as_bucket_view or dcfg.ddp_static_graph:
+        handlers.append(DistributedDataParallelKwargs(gradient_as_bucket_view=dcfg.ddp_gradient_as_bucket_view,
+                                                      static_graph=dcfg.ddp_static_graph))
+    return handlers
+
+
+def deepspeed_sharding(cfg: Any) -> ShardingOptions | None:
+    """`--deepspeed --zero_stage 3` as FSDP sharding of the frozen base model (ZeRO-3 partitions the parameters;
+    --offload_param_device cpu/nvme: the shards live in CPU memory); None for lower stages or without --deepspeed.
+    Where sharding cannot combine with the run's other flags, the base model stays whole (with a warning) rather
+    than stopping a config sd-scripts would train."""
+    from library.config.environment_flags import warn_once
+
+    dcfg = getattr(cfg, "distributed", None)
+    if dcfg is None or not dcfg.deepspeed or dcfg.zero_stage != 3:
+        return None
+    options = ShardingOptions(reshard_after_forward=True, offload_params=bool(dcfg.offload_param_device))
+    try:
+        check_sharding_compatible(options, cfg)
+    except UserError as e:
+        warn_once([f"--deepspeed --zero_stage 3: the base model is not sharded ({e})"])
+        return None
     return options
 
 
