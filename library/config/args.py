@@ -14,7 +14,7 @@ from library.config.environment_flags import EnvironmentConfig
 from library.config.flags import add_flag_group, flag_fields
 from library.config.log_flags import ConsoleLogConfig, LogConfig
 from library.config.model_flags import ModelConfig
-from library.config.network_flags import LLLITE_ONLY, NetworkConfig
+from library.config.network_flags import LLLITE_ONLY, NETWORK_MODULE_ONLY, NetworkConfig
 from library.config.optimizer_flags import OptimizerConfig
 from library.config.run_config import ConfigFileFlags
 from library.config.sample_flags import SampleConfig
@@ -43,6 +43,8 @@ def build_train_parser(description: str | None, groups: Sequence[type] = ()) -> 
 
 
 def add_network_args(p: argparse.ArgumentParser, lllite: bool = False) -> None:
-    """The network group: LoRA scripts get all but the LLLite-only flags; the LLLite script gets those too."""
-    names = [ff.name for ff in flag_fields(NetworkConfig) if lllite or ff.name not in LLLITE_ONLY]
+    """The network group: LoRA scripts get all but the LLLite-only flags; the LLLite script gets those but not the
+    network-module-only ones (--base_weights, --dim_from_weights: sd-scripts' LLLite trainer has neither)."""
+    left_out = NETWORK_MODULE_ONLY if lllite else LLLITE_ONLY
+    names = [ff.name for ff in flag_fields(NetworkConfig) if ff.name not in left_out]
     add_flag_group(p, NetworkConfig, only=names)

@@ -44,10 +44,10 @@ class FluxConfig:
     mode_scale: float = flag(1.29, "scale of --weighting_scheme mode")
     guidance_scale: float = flag(3.5, "distilled guidance fed to guidance-distilled models (FLUX.1 dev) while "
                                       "training")
-    fp8_base: bool = flag(False, "store the transformer's block Linears in fp8 and upcast them per layer (halves "
-                                 "their memory)")
-    fp8_base_unet: bool = flag(False, "fp8 for the transformer only (text encoders as trained): the same as "
-                                      "--fp8_base here, which never puts the text encoders in fp8")
+    # --fp8_base / --fp8_base_unet are declared with the model flags (library/config/model_flags.py: every trainer
+    # has them); filled from them here: store the transformer's block Linears in fp8, upcast per layer
+    fp8_base: bool = False
+    fp8_base_unet: bool = False
     blocks_to_swap: int | None = flag(None, "keep this many transformer blocks on the CPU, moving each to the GPU "
                                             "while it runs (needs --gradient_checkpointing; without a CUDA GPU: a "
                                             "warning, and no swapping)")

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from library.config.flags import flag
 
 LLLITE_ONLY = ("cond_emb_dim",)
+# kohya network modules only (sd-scripts' train_network.py has them, its LLLite trainer does not)
+NETWORK_MODULE_ONLY = ("base_weights", "base_weights_multiplier", "dim_from_weights")
 
 
 @dataclass
@@ -20,6 +22,12 @@ class NetworkConfig:
     network_args: list[str] = flag(None, "network options as key=value pairs, e.g. conv_dim=4 conv_alpha=1",
                                    unset=[])
     network_weights: str | None = flag(None, "start from these network weights")
+    dim_from_weights: bool = flag(False, "take the network's rank, alpha and modules from --network_weights instead "
+                                         "of --network_dim / --network_alpha / --network_args dims")
+    base_weights: list[str] | None = flag(None, "network files (of --network_module's kind) merged into the frozen "
+                                                "base model before the new network is created, in the order given")
+    base_weights_multiplier: list[float] | None = flag(None, "strength of each --base_weights file, in the same "
+                                                             "order (a file without one gets 1.0)")
     network_train_unet_only: bool = flag(False, "train only the U-Net / transformer part of the network")
     network_train_text_encoder_only: bool = flag(False, "train only the text-encoder part of the network")
     unet_lr: float | None = flag(None, "learning rate of the U-Net / transformer part (default: --learning_rate)")

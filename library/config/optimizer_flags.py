@@ -38,3 +38,8 @@ class OptimizerConfig:
     lr_scheduler_args: list[str] = flag(None, "scheduler keyword arguments as key=value pairs (Python literals), "
                                               "e.g. T_max=100", unset=[])
     max_grad_norm: float = flag(1.0, "clip gradients to this norm (0: no clipping)")
+    fused_backward_pass: bool = flag(False, "step each parameter as soon as its gradient is complete during the "
+                                            "backward pass and free that gradient (less memory); per-parameter "
+                                            "optimizers only (AdamW, Adam, SGD, Adafactor, Lion, ...), with "
+                                            "--gradient_accumulation_steps 1; --max_grad_norm then clips each "
+                                            "parameter's gradient on its own, as sd-scripts does")

@@ -57,19 +57,19 @@ FLUX_BLOCK_LISTS: tuple[str, ...] = ("transformer_blocks", "single_transformer_b
 
 
 # ---------------------------------------------------------------------------------------------------------- fp8
-class Fp8Linear(nn.Linear):
-    """An nn.Linear whose weight is stored in fp8 (with a per-row scale) and upcast per call."""
+class _Fp8Storage:
+    """What an fp8 layer keeps: the weight in fp8, a float32 scale per output channel, the compute dtype."""
 
     compute_dtype: torch.dtype
     weight_scale: torch.Tensor
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _upcast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         dtype = self.compute_dtype
         weight = self.weight.to(dtype) * self.weight_scale.to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(dtype)
-        return F.linear(x, weight, bias)
+        return x, weight, bias
 
     def _apply(self, fn, recurse: bool = True):
         """Moves follow `.to(device)`, but a dtype cast of the whole model (e.g. `.to(torch.bfloat16)`) must not
@@ -83,31 +83,57 @@ class Fp8Linear(nn.Linear):
         return self
 
 
+class Fp8Linear(_Fp8Storage, nn.Linear):
+    """An nn.Linear whose weight is stored in fp8 (with a per-row scale) and upcast per call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, weight, bias = self._upcast(x)
+        return F.linear(x, weight, bias)
+
+
+class Fp8Conv2d(_Fp8Storage, nn.Conv2d):
+    """An nn.Conv2d whose weight is stored in fp8 (with a per-output-channel scale) and upcast per call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, weight, bias = self._upcast(x)
+        return self._conv_forward(x, weight, bias)
+
+
+_FP8_CLASSES: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: Fp8Linear, nn.Conv2d: Fp8Conv2d}
+
+
 @torch.no_grad()
-def _to_fp8(layer: nn.Linear, compute_dtype: torch.dtype, work_device: torch.device | None = None) -> None:
+def _to_fp8(layer: nn.Linear | nn.Conv2d, compute_dtype: torch.dtype,
+            work_device: torch.device | None = None) -> None:
     home = layer.weight.device
     w = layer.weight.detach().to(work_device or home).float()
-    scale = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    shape = (w.shape[0],) + (1,) * (w.dim() - 1)  # one scale per output row / channel
+    scale = (w.abs().flatten(1).amax(dim=1) / FP8_MAX).clamp(min=1e-12).reshape(shape)
     layer.weight = nn.Parameter((w / scale).to(FP8_DTYPE).to(home), requires_grad=False)
     layer.register_buffer("weight_scale", scale.to(home), persistent=False)
-    layer.__class__ = Fp8Linear
+    layer.__class__ = _FP8_CLASSES[nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.Linear]
     layer.compute_dtype = compute_dtype
 
 
 def apply_fp8_linear(module: nn.Module, compute_dtype: torch.dtype,
-                     include: Sequence[str] = FLUX_FP8_INCLUDE, work_device: torch.device | str | None = None) -> int:
-    """Store the Linears whose names match one of the `include` regexes in fp8, frozen; returns how many.
+                     include: Sequence[str] = FLUX_FP8_INCLUDE, work_device: torch.device | str | None = None,
+                     convs: bool = False) -> int:
+    """Store the Linears (and with `convs` the Conv2ds) whose names match one of the `include` regexes in fp8,
+    frozen; returns how many.
 
     Call after the model has its device and dtype (a later `.to(dtype)` would cast the fp8 weights) and before any
     network is attached to it. `work_device`: where to quantize, one layer at a time (the compute device, so that
     blocks kept on the CPU by swapping get bit-for-bit the fp8 weights they would get on the GPU)."""
     if compute_dtype in (FP8_DTYPE, torch.float8_e5m2):
         raise UserError("--fp8_base: the compute dtype must be float32, float16 or bfloat16, not fp8")
+    kinds = (nn.Linear, nn.Conv2d) if convs else (nn.Linear,)
     patterns = [re.compile(p) for p in include]
     count = 0
     for name, sub in module.named_modules():
-        if not isinstance(sub, nn.Linear) or isinstance(sub, Fp8Linear):
+        if not isinstance(sub, kinds) or isinstance(sub, _Fp8Storage):
             continue
+        if isinstance(sub, nn.Conv2d) and type(sub) is not nn.Conv2d:
+            continue  # a Conv2d subclass with a forward of its own: leave it as it is
         if not any(p.search(name) for p in patterns):
             continue
         if "forward" in sub.__dict__:
@@ -349,4 +375,4 @@ class BlockSwapper:
 
 
 __all__ = ["DEFAULT_SWAP_PREFETCH", "FLUX_BLOCK_LISTS", "FLUX_FP8_INCLUDE", "BlockSwapper", "Fp8Linear",
-           "apply_fp8_linear", "linear_weight_bytes", "model_blocks", "place_module", "swapped_blocks"]
+           "Fp8Conv2d", "apply_fp8_linear", "linear_weight_bytes", "model_blocks", "place_module", "swapped_blocks"]

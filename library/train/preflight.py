@@ -173,6 +173,9 @@ def format_image_problems(dataset_config: str, bad: list[str]) -> str:
 
 def preflight(cfg: RunConfig) -> None:
     """Raise one `UserError` listing everything that would make this run fail later; return quietly otherwise."""
+    from library.train.fused_backward import check_fused_backward
+
+    check_fused_backward(cfg)  # --fused_backward_pass with gradient accumulation or a pooled optimizer
     problems: list[str] = []
     name_problem = check_output_name(cfg.save.output_name)
     if name_problem:
