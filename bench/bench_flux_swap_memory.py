@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def run(variant: str, args, base) -> dict:
     from library.config.flux_config import FluxConfig, FluxModelConfig
     from library.train.attention import configure_training_attention
-    from library.families.flux import FluxFamily
+    from library.families.flux import FluxFamily, FluxFamilyModels
     from library.train.loop import prepare_base_models
     from networks.lora_flux import create_network
 
@@ -38,7 +38,7 @@ def run(variant: str, args, base) -> dict:
     swap = args.swap if "swap" in variant else 0
     fcfg = FluxConfig(fp8_base="fp8" in variant, blocks_to_swap=swap or None)
     tr = copy.deepcopy(base)  # the same CPU weights for every variant
-    models = {"transformer": tr, "vae": torch.nn.Linear(1, 1), "text_encoders": []}
+    models = FluxFamilyModels(denoiser=tr, vae=torch.nn.Linear(1, 1))
     cfg = SimpleNamespace(model=SimpleNamespace(no_half_vae=False),
                           training=SimpleNamespace(xformers=False, gradient_checkpointing=True))
     gc.collect()
@@ -78,7 +78,7 @@ def run(variant: str, args, base) -> dict:
     out = {"variant": variant, "loaded_MiB": round(loaded / 2**20), "train_peak_MiB":
            round(torch.cuda.max_memory_allocated() / 2**20), "step_s": round(sum(times[1:]) / max(len(times) - 1, 1), 3),
            "losses": losses}
-    swapper = models.get("block_swapper")
+    swapper = models.block_swapper
     if swapper is not None:
         swapper.detach()
     # the LoRA and the model reference each other (wrapped forwards): collect the cycle, or the next variant's

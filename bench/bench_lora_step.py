@@ -265,7 +265,7 @@ def run_variant(cfg: BenchConfig, variant: str) -> dict[str, Any]:
     from library.families import noise as noise_lib
     from library.families.interface import NoisyInput
     from library.config.training_flags import TrainingConfig
-    from library.families.sdxl import SDXLFamily
+    from library.families.sdxl import SDXLFamily, SDXLFamilyModels
     from library.train.loss_step import compute_loss
 
     device = torch.device(cfg.device)
@@ -299,6 +299,7 @@ def run_variant(cfg: BenchConfig, variant: str) -> dict[str, Any]:
     pooled = data["pooled"].to(device, dtype)
     time_ids = data["time_ids"].to(device, dtype)
     family = SDXLFamily()
+    models = SDXLFamilyModels(denoiser=unet, vae=torch.nn.Identity())  # the step gets latents: no VAE runs
     alphas = family.alphas_cumprod
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
@@ -307,8 +308,8 @@ def run_variant(cfg: BenchConfig, variant: str) -> dict[str, Any]:
     def loss_ours(noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # Trainer._loss's compute_loss: SDXLFamily.predict (pooled + size ids as added_cond_kwargs), the l2 loss in
         # fp32; the noise and timesteps are the fixed draws both variants share
-        inp = NoisyInput(noisy=noise_lib.add_noise(latents, noise, t, alphas), noise=noise, timesteps=t, extras={})
-        return compute_loss(family, {"unet": unet}, training, data["size_batch"], latents,
+        inp = NoisyInput(noisy=noise_lib.add_noise(latents, noise, t, alphas), noise=noise, timesteps=t)
+        return compute_loss(family, models, training, data["size_batch"], latents,
                             {"encoder_hidden_states": hidden, "pooled": pooled}, inp=inp, autocast=lambda: autocast)
 
     def loss_peft(noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

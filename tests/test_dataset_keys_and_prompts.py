@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -185,7 +186,8 @@ def test_toml_prompt_file_is_read_as_tables_not_lines(tmp_path):
                                                                                  (96, 64, 2, "blurry")]
     assert (reqs[0].seed, reqs[0].scale) == (7, 5.5)
     assert reqs[1].seed == 101  # no seed: base seed + index
-    assert reqs[1].extras == {"sampler": "euler_a", "guidance_scale": 3.5}
+    assert (reqs[1].sampler, reqs[1].guidance_scale, reqs[1].control_image) == ("euler_a", 3.5, None)
+    assert (reqs[0].sampler, reqs[0].guidance_scale) == (None, None)
 
 
 def test_json_prompt_file_takes_tables_and_lines(tmp_path):
@@ -195,7 +197,7 @@ def test_json_prompt_file_takes_tables_and_lines(tmp_path):
     reqs = requests_from_prompt_file(str(path), (32, 32), seed=0)
     assert [(r.prompt, r.width, r.height, r.steps, r.seed) for r in reqs] == [("a cat", 64, 64, 3, 1),
                                                                              ("a dog", 64, 96, 2, 3)]
-    assert reqs[1].scale == 4.0 and reqs[1].extras == {"sampler": "ddim", "guidance_scale": 2.5}
+    assert reqs[1].scale == 4.0 and (reqs[1].sampler, reqs[1].guidance_scale) == ("ddim", 2.5)
 
 
 def test_text_lines_take_the_training_only_options(tmp_path):
@@ -276,19 +278,21 @@ from library.families.sdxl_text import TextOptions, chunked_ids  # noqa: E402
 @pytest.fixture(scope="module")
 def sdxl_models(tiny_sdxl_file):
     from library.families.registry import get_family
+    from library.families.sdxl import SDXLFamilyModels
     from library.models.sdxl_loader import load_sdxl
 
     m = load_sdxl(tiny_sdxl_file, dtype=torch.float32)
     family = get_family("sdxl")
-    models = {"text_encoders": [m.text_encoder1.eval(), m.text_encoder2.eval()],
-              "tokenizers": [m.tokenizer1, m.tokenizer2]}
+    models = SDXLFamilyModels.from_loaded(m)
+    for te in models.text_encoders:
+        te.eval()
     return family, models
 
 
 def encode(sdxl_models, captions, opts=None):
     family, models = sdxl_models
     with torch.no_grad():
-        return family.encode_text({**models, "text_options": opts}, captions)
+        return family.encode_text(replace(models, text_options=opts), captions)
 
 
 def test_long_captions_are_encoded_in_pieces_with_the_first_pieces_pooled_output(sdxl_models):
@@ -303,7 +307,7 @@ def test_long_captions_are_encoded_in_pieces_with_the_first_pieces_pooled_output
 
 def test_pieces_have_their_own_bos_and_eos(sdxl_models):
     _, models = sdxl_models
-    for tok in models["tokenizers"]:
+    for tok in models.tokenizers:
         text = " ".join(["dog"] * 100)
         ids = tok(text, padding="max_length", truncation=True, max_length=152, return_tensors="pt").input_ids[0]
         pieces = chunked_ids(tok, ids)
@@ -338,7 +342,7 @@ def test_weighted_captions_scale_the_tokens_states(sdxl_models):
 
 def test_text_cache_provenance_names_the_options(sdxl_models):
     family, models = sdxl_models
-    ids = {family.model_identity({**models, "text_options": o}, "text")
+    ids = {family.model_identity(replace(models, text_options=o), "text")
            for o in (None, TextOptions(), TextOptions(150), TextOptions(225), TextOptions(weighted_captions=True))}
     assert len(ids) == 4  # None and the defaults are the same cache
 

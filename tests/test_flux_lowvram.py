@@ -166,24 +166,24 @@ def test_block_swap_flags_are_checked(tiny):
         apply_low_vram(tr, FluxConfig(blocks_to_swap=1), torch.device("cpu"), gradient_checkpointing=False)
     # the family hook the loop calls after casting the base models: fp8 lands on the transformer
     from library.config.flux_config import FluxModelConfig
-    from library.families.flux import FluxFamily
+    from library.families.flux import FluxFamily, FluxFamilyModels
 
     family = FluxFamily(FluxModelConfig(flux=FluxConfig(fp8_base=True)))
-    models = {"transformer": tr.to(torch.bfloat16)}
+    models = FluxFamilyModels(denoiser=tr.to(torch.bfloat16), vae=torch.nn.Identity())
     family.after_base_models_prepared(models, SimpleNamespace(training=SimpleNamespace(gradient_checkpointing=False)),
                                       torch.device("cpu"))
-    assert isinstance(tr.single_transformer_blocks[0].proj_out, Fp8Linear) and models["block_swapper"] is None
+    assert isinstance(tr.single_transformer_blocks[0].proj_out, Fp8Linear) and models.block_swapper is None
 
 
 def test_swapped_blocks_never_visit_the_device_at_load_time(tiny):
     """prepare_base_models casts on the CPU, then moves everything but the swapped blocks: the device never holds
     the whole model (nor an fp32 copy of it). The meta device stands in for a GPU: whatever is moved there shows."""
     from library.config.flux_config import FluxConfig, FluxModelConfig
-    from library.families.flux import FluxFamily
+    from library.families.flux import FluxFamily, FluxFamilyModels
     from library.train.loop import prepare_base_models
 
     tr = copy.deepcopy(tiny.transformer)
-    models = {"transformer": tr, "vae": torch.nn.Linear(2, 2), "text_encoders": []}
+    models = FluxFamilyModels(denoiser=tr, vae=torch.nn.Linear(2, 2))
     cfg = SimpleNamespace(model=SimpleNamespace(no_half_vae=False),
                           training=SimpleNamespace(xformers=False, gradient_checkpointing=True))
     family = FluxFamily(FluxModelConfig(flux=FluxConfig(blocks_to_swap=3)))
@@ -198,7 +198,7 @@ def test_swapped_blocks_never_visit_the_device_at_load_time(tiny):
     assert {b.device.type for _, b in tr.named_buffers()} <= {"meta"}
     # without swapping everything moves
     tr2 = copy.deepcopy(tiny.transformer)
-    models2 = dict(models, transformer=tr2, vae=torch.nn.Linear(2, 2))
+    models2 = FluxFamilyModels(denoiser=tr2, vae=torch.nn.Linear(2, 2))
     prepare_base_models(cfg, FluxFamily(), models2, torch.device("meta"), torch.bfloat16)
     assert {p.device.type for p in tr2.parameters()} == {"meta"}
 

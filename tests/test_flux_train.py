@@ -89,7 +89,7 @@ def kontext_setup(tiny_flux_single):
     cfg = FluxModelConfig(pretrained_model_name_or_path=tiny_flux_single,
                           flux=FluxConfig(kontext=True, t5xxl_max_token_length=8, model_prediction_type="raw"))
     family = FluxFamily(cfg)
-    models = family.load_models(cfg, torch.float32)
+    models = family.load_models(torch.float32)
     return family, models
 
 
@@ -115,14 +115,14 @@ def test_kontext_loss_is_on_target_tokens_and_depends_on_the_control(kontext_set
         seen["out"] = output.sample
         output.sample.retain_grad()
 
-    handle = models["transformer"].register_forward_hook(keep, with_kwargs=True)
+    handle = models.denoiser.register_forward_hook(keep, with_kwargs=True)
     try:
         pred = family.predict(models, inp, text, batch)
         loss = torch.nn.functional.mse_loss(pred, family.loss_target(models, latents, inp))
         loss.backward()
     finally:
         handle.remove()
-        models["transformer"].zero_grad(set_to_none=True)
+        models.denoiser.zero_grad(set_to_none=True)
     n_target = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
     assert pred.shape == latents.shape
     assert seen["out"].shape[1] == 2 * n_target  # target tokens + control tokens went in

@@ -132,10 +132,18 @@ def test_snr_weights_by_hand():
     torch.testing.assert_close(N.debiased_weights(t, ac, v_prediction=True), 1 / (snr + 1))
 
 
-def _sdxl_inputs(**flags):
+def _no_models():
+    """SDXL's models for hooks that read none of them (the loss target and weights): stand-ins."""
+    from library.families.sdxl import SDXLFamilyModels
+
+    return SDXLFamilyModels(denoiser=torch.nn.Identity(), vae=torch.nn.Identity())
+
+
+def _sdxl_inputs(v_parameterization: bool = False, **flags):
+    from library.config.model_flags import ModelConfig
     from library.families.sdxl import SDXLFamily
 
-    fam = SDXLFamily()
+    fam = SDXLFamily(ModelConfig(v_parameterization=v_parameterization))
     cfg = training_cfg(**flags)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     return fam, cfg, latents, fam.noise_and_timesteps(latents, gens(2), cfg)
@@ -150,7 +158,7 @@ def test_sdxl_defaults_draw_exactly_as_before():
     t = torch.cat([torch.randint(0, 1000, (1,), generator=g) for g in g2])
     assert torch.equal(inp.noise, noise) and torch.equal(inp.timesteps, t)
     assert torch.equal(inp.noisy, N.add_noise(latents, noise, t, fam.alphas_cumprod))
-    assert fam.loss_weights({}, inp, cfg) is None and fam.huber_threshold(inp, cfg) is None
+    assert fam.loss_weights(_no_models(), inp, cfg) is None and fam.huber_threshold(inp, cfg) is None
 
 
 def test_sdxl_ip_noise_gamma_perturbs_the_input_not_the_target():
@@ -158,7 +166,7 @@ def test_sdxl_ip_noise_gamma_perturbs_the_input_not_the_target():
     _, cfg_ip, _, ip = _sdxl_inputs(ip_noise_gamma=0.1)
     assert torch.equal(ip.noise, plain.noise) and torch.equal(ip.timesteps, plain.timesteps)
     assert not torch.equal(ip.noisy, plain.noisy)
-    assert torch.equal(fam.loss_target({}, latents, ip), plain.noise)
+    assert torch.equal(fam.loss_target(_no_models(), latents, ip), plain.noise)
 
 
 def test_sdxl_loss_weights_multiply_in_sd_scripts_order():
@@ -167,14 +175,15 @@ def test_sdxl_loss_weights_multiply_in_sd_scripts_order():
     ac, t = fam.alphas_cumprod, inp.timesteps
     want = (N.min_snr_weights(t, ac, 5.0, False) * N.v_pred_scale(t, ac) * N.v_pred_like_weights(t, ac, 0.1)
             * N.debiased_weights(t, ac, False))
-    torch.testing.assert_close(fam.loss_weights({}, inp, cfg), want)
+    torch.testing.assert_close(fam.loss_weights(_no_models(), inp, cfg), want)
 
 
 def test_sdxl_zero_terminal_snr_changes_the_schedule_the_loop_uses():
-    fam, cfg, latents, inp = _sdxl_inputs(zero_terminal_snr=True, min_timestep=999, max_timestep=999)
+    fam, cfg, latents, inp = _sdxl_inputs(v_parameterization=True, zero_terminal_snr=True, min_timestep=999,
+                                          max_timestep=999)
     assert inp.timesteps.tolist() == [999, 999]
     torch.testing.assert_close(inp.noisy, inp.noise)  # the last timestep is pure noise
-    v = fam.loss_target({"v_prediction": True}, latents, inp)
+    v = fam.loss_target(_no_models(), latents, inp)
     torch.testing.assert_close(v, -latents)  # v = sqrt(a) noise - sqrt(1 - a) x0 with a = 0
 
 

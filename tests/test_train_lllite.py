@@ -78,7 +78,7 @@ def test_trained_lllite_uses_the_conditioning(tmp_path, tiny_sdxl_file):
     from library.data.images import load_image
     from library.data.synthetic import make_shapes_dataset
     from library.models.sdxl_loader import load_sdxl
-    from library.families.sdxl import SDXLFamily
+    from library.families.sdxl import SDXLFamily, SDXLFamilyModels
     from networks.control_net_lllite import create_network_from_weights
 
     make_shapes_dataset(str(tmp_path / "img"), 8, seed=1, conditioning_dir=str(tmp_path / "cond"))
@@ -93,8 +93,7 @@ def test_trained_lllite_uses_the_conditioning(tmp_path, tiny_sdxl_file):
 
     models = load_sdxl(tiny_sdxl_file)
     family = SDXLFamily()
-    fam_models = {"unet": models.unet, "vae": models.vae, "text_encoders": [models.text_encoder1, models.text_encoder2],
-                  "tokenizers": [models.tokenizer1, models.tokenizer2]}
+    fam_models = SDXLFamilyModels.from_loaded(models)
     net = create_network_from_weights(models.unet, str(tmp_path / "out" / "lora.safetensors"), multiplier=1.0)
     net.apply_to()
 

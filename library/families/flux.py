@@ -14,7 +14,8 @@ The family is bound to its FluxModelConfig when built (`get_family("flux", confi
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 
@@ -25,8 +26,18 @@ from library.families import noise as noise_lib
 from library.families.flux_latents import KONTEXT_CONTROL_INDEX, image_ids, pack_latents, unpack_latents
 from library.families.flux_placement import apply_low_vram, check_low_vram_flags
 from library.families.flux_sigmas import FLOW_STEPS, loss_weighting, sample_sigmas
-from library.families.interface import ModelFamily, NoisyInput, SampleRequest, module_fingerprint
+from library.families.interface import (FamilyModels, ModelFamily, NoisyInput, SampleRequest, TextOutputs,
+                                        module_fingerprint)
 from library.families.registry import register_family
+
+if TYPE_CHECKING:  # annotations only
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from PIL import Image
+
+    from library.config.train_config import RunConfig
+    from library.config.training_flags import TrainingConfig
+    from library.data.dataset import Batch
+    from library.models.flux_loader import FluxModels
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +49,37 @@ DDPM_ONLY_FLAGS = ("noise_offset", "adaptive_noise_scale", "noise_offset_random_
                    "debiased_estimation_loss")
 
 
-def unused_ddpm_flags(cfg: Any) -> list[str]:
+def unused_ddpm_flags(cfg: TrainingConfig) -> list[str]:
     """The DDPM-only flags (see DDPM_ONLY_FLAGS) a FLUX run was given."""
     return [f"--{name}" for name in DDPM_ONLY_FLAGS if getattr(cfg, name, None)]
 
 
+def t5_max_length(transformer: FluxTransformer2DModel, t5xxl_max_token_length: int | None) -> int:
+    """--t5xxl_max_token_length, else sd-scripts' default: 512 for guidance-distilled models (dev), 256 (schnell)."""
+    return t5xxl_max_token_length or (512 if transformer.config.guidance_embeds else 256)
+
+
+@dataclass
+class FluxFamilyModels(FamilyModels):
+    """FLUX's models: the transformer as the denoiser, the AE as the VAE, CLIP-L and T5 (with their tokenizers),
+    and the T5 sequence length the captions are encoded to (`t5_max_length`; it depends on the loaded transformer,
+    see `t5_max_length`)."""
+
+    denoiser: FluxTransformer2DModel
+    vae: AutoencoderKL
+    t5_max_length: int = 256
+
+    @classmethod
+    def from_loaded(cls, m: FluxModels, t5xxl_max_token_length: int | None) -> FluxFamilyModels:
+        """The loader's components (library/models/flux_loader.py) as the family hooks take them."""
+        return cls(denoiser=m.transformer, vae=m.ae, text_encoders=[m.clip_l, m.t5],
+                   tokenizers=[m.tokenizer_clip, m.tokenizer_t5],
+                   t5_max_length=t5_max_length(m.transformer, t5xxl_max_token_length))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 @register_family("flux")
-class FluxFamily(ModelFamily):
+class FluxFamily(ModelFamily[FluxFamilyModels]):
     denoiser_key = "transformer"
 
     def __init__(self, config: ModelConfig | None = None) -> None:
@@ -61,54 +95,47 @@ class FluxFamily(ModelFamily):
             self._degrade_spec = parse_degrade_spec(self.flux.kontext_degrade)
 
     # --- models -------------------------------------------------------------------------------------------------
-    def load_models(self, cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
-        """Load the models of the bound config (`cfg` is that same config, as the loop passes it)."""
+    def load_models(self, dtype: torch.dtype) -> FluxFamilyModels:
+        """Load the models of the bound config."""
         from library.models.flux_loader import load_flux
 
-        if cfg is not self.config:
-            raise ValueError("FluxFamily.load_models: build the family with this config (get_family('flux', cfg))")
         check_low_vram_flags(self.flux.blocks_to_swap, "train")
-        m = load_flux(self.config, torch.float32)
-        guidance = bool(m.transformer.config.guidance_embeds)
-        t5_len = self.flux.t5xxl_max_token_length or (512 if guidance else 256)
-        return {"transformer": m.transformer, "vae": m.ae, "text_encoders": [m.clip_l, m.t5],
-                "tokenizers": [m.tokenizer_clip, m.tokenizer_t5], "t5_max_length": t5_len}
+        return FluxFamilyModels.from_loaded(load_flux(self.config, torch.float32), self.flux.t5xxl_max_token_length)
 
-    def modules_kept_off_device(self, models: dict[str, Any], cfg: Any) -> list[torch.nn.Module]:
+    def modules_kept_off_device(self, models: FluxFamilyModels, cfg: RunConfig) -> list[torch.nn.Module]:
         from library.models.lowvram import swapped_blocks
 
         fcfg = self.flux
         if not fcfg.blocks_to_swap:
             return []
-        return swapped_blocks(models["transformer"], fcfg.blocks_to_swap)
+        return swapped_blocks(models.denoiser, fcfg.blocks_to_swap)
 
-    def sharding_units(self, models: dict[str, Any]) -> list[torch.nn.Module]:
+    def sharding_units(self, models: FluxFamilyModels) -> list[torch.nn.Module]:
         from library.models.lowvram import model_blocks
 
-        return model_blocks(models["transformer"])
+        return model_blocks(models.denoiser)
 
-    def after_base_models_prepared(self, models: dict[str, Any], cfg: Any, device: torch.device) -> None:
+    def after_base_models_prepared(self, models: FluxFamilyModels, cfg: RunConfig, device: torch.device) -> None:
         fcfg = self.flux
-        models["block_swapper"] = apply_low_vram(models["transformer"], fcfg, device,
-                                                 bool(cfg.training.gradient_checkpointing))
+        models.block_swapper = apply_low_vram(models.denoiser, fcfg, device, bool(cfg.training.gradient_checkpointing))
 
-    def model_identity(self, models: dict[str, Any], part: str) -> str:
+    def model_identity(self, models: FluxFamilyModels, part: Literal["vae", "text"]) -> str:
         if part == "vae":
-            return "flux-ae-" + module_fingerprint(models["vae"])
+            return "flux-ae-" + module_fingerprint(models.vae)
         fcfg = self.flux
-        encoders = "-".join(module_fingerprint(te) for te in models["text_encoders"])
-        return f"flux-te-{encoders}-t5len{models['t5_max_length']}-mask{int(fcfg.apply_t5_attn_mask)}"
+        encoders = "-".join(module_fingerprint(te) for te in models.text_encoders)
+        return f"flux-te-{encoders}-t5len{models.t5_max_length}-mask{int(fcfg.apply_t5_attn_mask)}"
 
     # --- encoders -----------------------------------------------------------------------------------------------
-    def encode_text(self, models: dict[str, Any], captions: list[str]) -> dict[str, torch.Tensor]:
-        clip, t5 = models["text_encoders"]
-        tok_clip, tok_t5 = models["tokenizers"]
+    def encode_text(self, models: FluxFamilyModels, captions: list[str]) -> TextOutputs:
+        clip, t5 = models.text_encoders
+        tok_clip, tok_t5 = models.tokenizers
         fcfg = self.flux
         device = next(clip.parameters()).device
         ids = tok_clip(captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
                        return_tensors="pt").input_ids.to(device)
         pooled = clip(ids, output_hidden_states=False).pooler_output
-        tok = tok_t5(captions, padding="max_length", max_length=models["t5_max_length"], truncation=True,
+        tok = tok_t5(captions, padding="max_length", max_length=models.t5_max_length, truncation=True,
                      return_tensors="pt")
         t5_ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
         hidden = t5(t5_ids, attention_mask=mask if fcfg.apply_t5_attn_mask else None).last_hidden_state
@@ -116,11 +143,11 @@ class FluxFamily(ModelFamily):
             hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
         return {"t5": hidden, "t5_mask": mask.to(hidden.dtype), "pooled": pooled}
 
-    def encode_images(self, models: dict[str, Any], images: torch.Tensor, generators: Any = None,
-                      sample: bool = True) -> torch.Tensor:
+    def encode_images(self, models: FluxFamilyModels, images: torch.Tensor,
+                      generators: list[torch.Generator] | None = None, sample: bool = True) -> torch.Tensor:
         """Pixels in [-1, 1] -> FLUX latents: (z - shift) * scale. With per-sample `generators` the posterior
         sample does not depend on how a batch is split across processes."""
-        ae = models["vae"]
+        ae = models.vae
         dist = ae.encode(images.to(ae.device, ae.dtype)).latent_dist
         if not sample:
             z = dist.mode()
@@ -131,7 +158,8 @@ class FluxFamily(ModelFamily):
         return (z - ae.config.shift_factor) * ae.config.scaling_factor
 
     # --- noise and prediction -----------------------------------------------------------------------------------
-    def noise_and_timesteps(self, latents: torch.Tensor, generator: Any, cfg: Any) -> NoisyInput:
+    def noise_and_timesteps(self, latents: torch.Tensor, generator: torch.Generator | list[torch.Generator],
+                            cfg: TrainingConfig) -> NoisyInput:
         """Plain Gaussian noise, as sd-scripts' FLUX trainer draws it (--noise_offset and the other DDPM noise flags
         are answered with a warning and not used); --ip_noise_gamma perturbs the noisy input only."""
         self._warn_unused(cfg)
@@ -144,9 +172,9 @@ class FluxFamily(ModelFamily):
         noisy = (1 - tb) * latents + tb * noised_with
         # drawn last, so that --kontext_degrade leaves noise and timesteps unchanged; one seed per sample
         seeds = noise_lib.sample_timesteps(latents.shape[0], generator, 0, 2 ** 31 - 1, torch.device("cpu"))
-        return NoisyInput(noisy=noisy, noise=noise, timesteps=t, extras={"degrade_seeds": seeds.tolist()})
+        return NoisyInput(noisy=noisy, noise=noise, timesteps=t, extras={"degrade_seeds": seeds})
 
-    def control_latents(self, models: dict[str, Any], batch: Any, inp: NoisyInput) -> torch.Tensor:
+    def control_latents(self, models: FluxFamilyModels, batch: Batch, inp: NoisyInput) -> torch.Tensor:
         """Latents of the paired control image: the dataset's conditioning image, or the degraded target."""
         if self._degrade_spec is not None:
             from library.data.degrade import degrade
@@ -155,7 +183,8 @@ class FluxFamily(ModelFamily):
                 raise UserError("--kontext_degrade makes control images from the training images, so it cannot "
                                 "run on cached latents: drop --cache_latents / --cache_latents_to_disk")
             clean = ((batch.images.float().cpu() + 1) / 2).clamp(0, 1)
-            seeds = inp.extras.get("degrade_seeds") or [0] * clean.shape[0]
+            drawn = inp.extras.get("degrade_seeds")
+            seeds = drawn.tolist() if drawn is not None and drawn.numel() else [0] * clean.shape[0]
             pixels = torch.cat([degrade(img[None], self._degrade_spec, torch.Generator().manual_seed(int(seed)))
                                 for img, seed in zip(clean, seeds)])
         else:
@@ -166,9 +195,8 @@ class FluxFamily(ModelFamily):
         with torch.no_grad():
             return self.encode_images(models, pixels * 2 - 1, sample=False).to(inp.noisy.dtype)
 
-    def predict(self, models: dict[str, Any], inp: NoisyInput, text: dict[str, torch.Tensor],
-                batch: Any) -> torch.Tensor:
-        tr = models["transformer"]
+    def predict(self, models: FluxFamilyModels, inp: NoisyInput, text: TextOutputs, batch: Batch) -> torch.Tensor:
+        tr = models.denoiser
         fcfg = self.flux
         noisy = inp.noisy
         b, _, h, w = noisy.shape
@@ -199,10 +227,10 @@ class FluxFamily(ModelFamily):
             pred = pred * (-inp.timesteps.view(-1, 1, 1, 1).to(dtype)) + noisy
         return pred
 
-    def loss_target(self, models: dict[str, Any], latents: torch.Tensor, inp: NoisyInput) -> torch.Tensor:
+    def loss_target(self, models: FluxFamilyModels, latents: torch.Tensor, inp: NoisyInput) -> torch.Tensor:
         return inp.noise - latents
 
-    def _warn_unused(self, cfg: Any) -> None:
+    def _warn_unused(self, cfg: TrainingConfig) -> None:
         """One warning per process for the DDPM-only flags a FLUX run was given (warn_once keeps it to one)."""
         unused = unused_ddpm_flags(cfg)
         if unused:
@@ -211,7 +239,7 @@ class FluxFamily(ModelFamily):
             warn_once([f"{', '.join(unused)}: for DDPM (epsilon / v) models; FLUX training does not use "
                        f"{'it' if len(unused) == 1 else 'them'} (as in sd-scripts' flux_train_network.py)"])
 
-    def loss_weights(self, models: dict[str, Any], inp: NoisyInput, cfg: Any) -> torch.Tensor | None:
+    def loss_weights(self, models: FluxFamilyModels, inp: NoisyInput, cfg: TrainingConfig) -> torch.Tensor | None:
         """--weighting_scheme sigma_sqrt / cosmap, with --model_prediction_type sigma_scaled as in sd-scripts."""
         self._warn_unused(cfg)
         fcfg = self.flux
@@ -219,7 +247,7 @@ class FluxFamily(ModelFamily):
             return None
         return loss_weighting(fcfg.weighting_scheme, inp.timesteps)
 
-    def huber_threshold(self, inp: NoisyInput, cfg: Any) -> torch.Tensor | None:
+    def huber_threshold(self, inp: NoisyInput, cfg: TrainingConfig) -> torch.Tensor | None:
         """--loss_type huber / smooth_l1 on FLUX: sd-scripts' threshold at timestep 1000 * sigma (constant and
         exponential schedules; 'snr' needs a DDPM schedule, which check_training_flags refuses up front)."""
         from library.families.noise import huber_threshold
@@ -230,40 +258,41 @@ class FluxFamily(ModelFamily):
                                None, FLOW_STEPS)
 
     # --- sampling -----------------------------------------------------------------------------------------------
-    def build_pipeline(self, models: dict[str, Any], sampler: str | None = None, edit: bool = False) -> Any:
+    def build_pipeline(self, models: FluxFamilyModels, sampler: str | None = None,
+                       edit: bool = False) -> FluxPipeline:
         """FLUX samples with its flow-matching Euler sampler only (`sampler` is not used); `edit` gives the Kontext
         pipeline."""
         from diffusers import FluxKontextPipeline, FluxPipeline
 
         from library.models.tiny_flux import flux_scheduler
 
-        clip, t5 = models["text_encoders"]
-        tok_clip, tok_t5 = models["tokenizers"]
+        clip, t5 = models.text_encoders
+        tok_clip, tok_t5 = models.tokenizers
         cls = FluxKontextPipeline if edit else FluxPipeline
-        pipe = cls(scheduler=flux_scheduler(), vae=models["vae"], text_encoder=clip, tokenizer=tok_clip,
-                   text_encoder_2=t5, tokenizer_2=tok_t5, transformer=models["transformer"])
+        pipe = cls(scheduler=flux_scheduler(), vae=models.vae, text_encoder=clip, tokenizer=tok_clip,
+                   text_encoder_2=t5, tokenizer_2=tok_t5, transformer=models.denoiser)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
     @torch.no_grad()
-    def sample_images(self, models: dict[str, Any], prompts: list[SampleRequest], sampler: str,
-                      before_generate: Callable[[SampleRequest], None] | None = None) -> list[Any]:
+    def sample_images(self, models: FluxFamilyModels, prompts: list[SampleRequest], sampler: str,
+                      before_generate: Callable[[SampleRequest], None] | None = None) -> list[Image.Image]:
         """FLUX samples with its flow-matching Euler sampler (the sampler name is not used); `scale` is the
         distilled guidance. A prompt with a control image (`--cn path`) is generated Kontext-style from it."""
         from PIL import Image
 
-        pipes: dict[bool, Any] = {}
+        pipes: dict[bool, FluxPipeline] = {}
         images = []
-        max_len = min(512, models["t5_max_length"])
+        max_len = min(512, models.t5_max_length)
         for req in prompts:
             if before_generate is not None:
                 before_generate(req)
-            control = (req.extras or {}).get("control_image")
+            control = req.control_image
             kontext = bool(control)
             pipe = pipes.get(kontext) or pipes.setdefault(kontext, self.build_pipeline(models, edit=kontext))
             gen = torch.Generator(device="cpu").manual_seed(req.seed)
             kwargs = dict(prompt=req.prompt, width=req.width, height=req.height, num_inference_steps=req.steps,
-                          guidance_scale=(req.extras or {}).get("guidance_scale", req.scale),  # --g wins
+                          guidance_scale=req.guidance_scale if req.guidance_scale is not None else req.scale,  # --g wins
                           generator=gen, max_sequence_length=max_len)
             if kontext:
                 kwargs.update(image=Image.open(control).convert("RGB"), _auto_resize=False,

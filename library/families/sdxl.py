@@ -1,62 +1,108 @@
 """SDXL: the family hooks of the shared loop (text encoding, size conditioning, the U-Net call, sampling)."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 
 from library.config.model_flags import ModelConfig
 from library.errors import UserError
 from library.families import noise as noise_lib
-from library.families.interface import ModelFamily, NoisyInput, SampleRequest, module_fingerprint
+from library.families.interface import (FamilyModels, ModelFamily, NoisyInput, SampleRequest, TextOutputs,
+                                        module_fingerprint)
 from library.families.registry import register_family
+from library.families.sdxl_text import TextOptions
+
+if TYPE_CHECKING:  # annotations only
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from PIL import Image
+
+    from library.config.train_config import RunConfig
+    from library.config.training_flags import TrainingConfig
+    from library.data.dataset import Batch
+    from library.models.sdxl_loader import SDXLModels
 
 SDXL_VAE_SCALE = 0.13025
 DEFAULT_SAMPLER = "ddim"  # sd-scripts' default for generation and for sampling in training
 
 
+@dataclass
+class SDXLFamilyModels(FamilyModels):
+    """SDXL's models: the U-Net as the denoiser, CLIP-L and CLIP-G (with their tokenizers), the VAE, and the run's
+    caption options (`text_options`: --max_token_length / --weighted_captions; None: one 77-token sequence,
+    unweighted), which change every text-encoder output and so its cache identity."""
+
+    denoiser: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_options: TextOptions | None = None
+
+    @classmethod
+    def from_loaded(cls, m: SDXLModels) -> SDXLFamilyModels:
+        """The loader's six components (library/models/sdxl_loader.py) as the family hooks take them."""
+        return cls(denoiser=m.unet, vae=m.vae, text_encoders=[m.text_encoder1, m.text_encoder2],
+                   tokenizers=[m.tokenizer1, m.tokenizer2])
+
+
 @register_family("sdxl")
-class SDXLFamily(ModelFamily):
+class SDXLFamily(ModelFamily[SDXLFamilyModels]):
+    """SDXL. The bound ModelConfig's --v_parameterization says whether the U-Net predicts v or the noise."""
+
     denoiser_key = "unet"
 
     def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__(config)
         self.alphas_cumprod = noise_lib.ddpm_alphas_cumprod()
+        self._zero_snr: torch.Tensor | None = None
+
+    @property
+    def v_prediction(self) -> bool:
+        return bool(self.config.v_parameterization)
 
     # --- models -------------------------------------------------------------------------------------------------
-    def load_models(self, cfg: Any, dtype: torch.dtype) -> dict[str, Any]:
+    def load_models(self, dtype: torch.dtype) -> SDXLFamilyModels:
         from library.models.sdxl_loader import load_sdxl
 
-        m = load_sdxl(cfg.pretrained_model_name_or_path, dtype=torch.float32,
-                      tokenizer_cache_dir=cfg.tokenizer_cache_dir, allow_pickle=cfg.allow_pickle)
-        models = {"unet": m.unet, "vae": m.vae, "text_encoders": [m.text_encoder1, m.text_encoder2],
-                  "tokenizers": [m.tokenizer1, m.tokenizer2], "v_prediction": cfg.v_parameterization}
+        cfg = self.config
+        models = SDXLFamilyModels.from_loaded(load_sdxl(cfg.pretrained_model_name_or_path, dtype=torch.float32,
+                                                        tokenizer_cache_dir=cfg.tokenizer_cache_dir,
+                                                        allow_pickle=cfg.allow_pickle))
         if cfg.vae:
             from library.models.sdxl_loader import load_sdxl_vae
 
-            models["vae"] = load_sdxl_vae(cfg.vae, allow_pickle=cfg.allow_pickle)
+            models.vae = load_sdxl_vae(cfg.vae, allow_pickle=cfg.allow_pickle)
         return models
 
-    def sharding_units(self, models: dict[str, Any]) -> list[torch.nn.Module]:
-        unet = models["unet"]
+    def set_text_options(self, models: SDXLFamilyModels, options: TextOptions | None) -> None:
+        models.text_options = options
+
+    def after_base_models_prepared(self, models: SDXLFamilyModels, cfg: RunConfig, device: torch.device) -> None:
+        """--fp8_base / --fp8_base_unet (library/families/sdxl_placement.py), now that the weights have their device
+        and compute dtype and before any network is attached."""
+        from library.families.sdxl_placement import apply_sdxl_fp8
+
+        apply_sdxl_fp8(models.denoiser, models.text_encoders, self.config.fp8_base, self.config.fp8_base_unet, device)
+
+    def sharding_units(self, models: SDXLFamilyModels) -> list[torch.nn.Module]:
+        unet = models.denoiser
         return [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
 
-    def model_identity(self, models: dict[str, Any], part: str) -> str:
+    def model_identity(self, models: SDXLFamilyModels, part: Literal["vae", "text"]) -> str:
         if part == "vae":
-            return "sdxl-vae-" + module_fingerprint(models["vae"])
-        opts = models.get("text_options")  # --max_token_length / --weighted_captions change every output
+            return "sdxl-vae-" + module_fingerprint(models.vae)
+        opts = models.text_options  # --max_token_length / --weighted_captions change every output
         tag = f"-{opts.tag}" if opts is not None and opts.tag else ""
-        return "sdxl-te-" + "-".join(module_fingerprint(te) for te in models["text_encoders"]) + tag
+        return "sdxl-te-" + "-".join(module_fingerprint(te) for te in models.text_encoders) + tag
 
     # --- encoders -----------------------------------------------------------------------------------------------
-    def encode_text(self, models: dict[str, Any], captions: list[str]) -> dict[str, torch.Tensor]:
-        te1, te2 = models["text_encoders"]
-        tok1, tok2 = models["tokenizers"]
-        opts = models.get("text_options")
+    def encode_text(self, models: SDXLFamilyModels, captions: list[str]) -> TextOutputs:
+        te1, te2 = models.text_encoders
+        tok1, tok2 = models.tokenizers
+        opts = models.text_options
         if opts is not None and opts.tag:  # sd-scripts' 150/225-token pieces and/or (word:1.2) weights
             from library.families.sdxl_text import encode_captions
 
-            return encode_captions(models["text_encoders"], models["tokenizers"], captions, opts)
+            return encode_captions(models.text_encoders, models.tokenizers, captions, opts)
         device = next(te1.parameters()).device
         ids1 = tok1(captions, padding="max_length", max_length=tok1.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.to(device)
@@ -68,8 +114,9 @@ class SDXLFamily(ModelFamily):
         hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
         return {"encoder_hidden_states": hidden, "pooled": out2.text_embeds}
 
-    def encode_images(self, models: dict[str, Any], images: torch.Tensor, generators: Any = None) -> torch.Tensor:
-        vae = models["vae"]
+    def encode_images(self, models: SDXLFamilyModels, images: torch.Tensor,
+                      generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        vae = models.vae
         dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
         if generators is None:
             latents = dist.sample()
@@ -78,15 +125,16 @@ class SDXLFamily(ModelFamily):
         return latents * getattr(vae.config, "scaling_factor", SDXL_VAE_SCALE)
 
     # --- noise and prediction -----------------------------------------------------------------------------------
-    def training_alphas_cumprod(self, cfg: Any) -> torch.Tensor:
+    def training_alphas_cumprod(self, cfg: TrainingConfig) -> torch.Tensor:
         """The training noise schedule: SDXL's, rescaled to zero terminal SNR with --zero_terminal_snr."""
         if getattr(cfg, "zero_terminal_snr", False):
-            if getattr(self, "_zero_snr", None) is None:
+            if self._zero_snr is None:
                 self._zero_snr = noise_lib.zero_terminal_snr_alphas_cumprod(self.alphas_cumprod)
             return self._zero_snr
         return self.alphas_cumprod
 
-    def noise_and_timesteps(self, latents: torch.Tensor, generator: Any, cfg: Any) -> NoisyInput:
+    def noise_and_timesteps(self, latents: torch.Tensor, generator: torch.Generator | list[torch.Generator],
+                            cfg: TrainingConfig) -> NoisyInput:
         """sd-scripts' order of operations: noise (+ offset, + pyramid noise), timesteps, then the noisy input, which
         alone gets the --ip_noise_gamma perturbation. Draws that only a flag makes come after the default ones."""
         ac = self.training_alphas_cumprod(cfg)
@@ -102,24 +150,24 @@ class SDXLFamily(ModelFamily):
         noisy = noise_lib.add_noise(latents, noised_with, t, ac)
         return NoisyInput(noisy=noisy, noise=noise, timesteps=t, extras={"alphas_cumprod": ac})
 
-    def predict(self, models: dict[str, Any], inp: NoisyInput, text: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
-        unet = models["unet"]
+    def predict(self, models: SDXLFamilyModels, inp: NoisyInput, text: TextOutputs, batch: Batch) -> torch.Tensor:
+        unet = models.denoiser
         time_ids = size_condition_ids(batch).to(inp.noisy.device, inp.noisy.dtype)
         added = {"text_embeds": text["pooled"].to(inp.noisy.dtype), "time_ids": time_ids}
         return unet(inp.noisy, inp.timesteps, text["encoder_hidden_states"].to(inp.noisy.dtype),
                     added_cond_kwargs=added).sample
 
-    def loss_target(self, models: dict[str, Any], latents: torch.Tensor, inp: NoisyInput) -> torch.Tensor:
-        if models.get("v_prediction"):
+    def loss_target(self, models: SDXLFamilyModels, latents: torch.Tensor, inp: NoisyInput) -> torch.Tensor:
+        if self.v_prediction:
             ac = inp.extras.get("alphas_cumprod", self.alphas_cumprod)
             return noise_lib.v_target(latents, inp.noise, inp.timesteps, ac)
         return inp.noise
 
-    def loss_weights(self, models: dict[str, Any], inp: NoisyInput, cfg: Any) -> torch.Tensor | None:
+    def loss_weights(self, models: SDXLFamilyModels, inp: NoisyInput, cfg: TrainingConfig) -> torch.Tensor | None:
         """Per-sample loss factors, applied in sd-scripts' order: --min_snr_gamma, --scale_v_pred_loss_like_noise_pred,
         --v_pred_like_loss, --debiased_estimation_loss. None when none is on."""
         ac = inp.extras.get("alphas_cumprod", self.alphas_cumprod)
-        v_pred = bool(models.get("v_prediction"))
+        v_pred = self.v_prediction
         weights: torch.Tensor | None = None
 
         def times(w: torch.Tensor) -> None:
@@ -136,7 +184,7 @@ class SDXLFamily(ModelFamily):
             times(noise_lib.debiased_weights(inp.timesteps, ac, v_pred))
         return weights
 
-    def huber_threshold(self, inp: NoisyInput, cfg: Any) -> torch.Tensor | None:
+    def huber_threshold(self, inp: NoisyInput, cfg: TrainingConfig) -> torch.Tensor | None:
         """The per-sample threshold of --loss_type huber / smooth_l1 (None for l1 / l2)."""
         from library.families.noise import huber_threshold
 
@@ -146,7 +194,8 @@ class SDXLFamily(ModelFamily):
         return huber_threshold(cfg.huber_schedule, cfg.huber_c, cfg.huber_scale, inp.timesteps, ac, len(ac))
 
     # --- sampling -----------------------------------------------------------------------------------------------
-    def build_pipeline(self, models: dict[str, Any], sampler: str | None = None, edit: bool = False) -> Any:
+    def build_pipeline(self, models: SDXLFamilyModels, sampler: str | None = None,
+                       edit: bool = False) -> StableDiffusionXLPipeline:
         from diffusers import StableDiffusionXLPipeline
 
         if edit:
@@ -154,17 +203,17 @@ class SDXLFamily(ModelFamily):
 
         from library.prompts.samplers import make_scheduler
 
-        te1, te2 = models["text_encoders"]
-        tok1, tok2 = models["tokenizers"]
+        te1, te2 = models.text_encoders
+        tok1, tok2 = models.tokenizers
         scheduler = make_scheduler(sampler or DEFAULT_SAMPLER)
-        pipe = StableDiffusionXLPipeline(vae=models["vae"], text_encoder=te1, text_encoder_2=te2, tokenizer=tok1,
-                                         tokenizer_2=tok2, unet=models["unet"], scheduler=scheduler)
+        pipe = StableDiffusionXLPipeline(vae=models.vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1,
+                                         tokenizer_2=tok2, unet=models.denoiser, scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
     @torch.no_grad()
-    def sample_images(self, models: dict[str, Any], prompts: list[SampleRequest], sampler: str,
-                      before_generate: Callable[[SampleRequest], None] | None = None) -> list[Any]:
+    def sample_images(self, models: SDXLFamilyModels, prompts: list[SampleRequest], sampler: str,
+                      before_generate: Callable[[SampleRequest], None] | None = None) -> list[Image.Image]:
         pipe = self.build_pipeline(models, sampler)
         images = []
         for req in prompts:
@@ -178,7 +227,7 @@ class SDXLFamily(ModelFamily):
         return images
 
 
-def size_condition_ids(batch: Any) -> torch.Tensor:
+def size_condition_ids(batch: Batch) -> torch.Tensor:
     """SDXL's micro-conditioning: original size, crop top-left and target size, each (h, w), per sample."""
     rows = [list(o) + list(c) + list(t) for o, c, t in
             zip(batch.original_sizes, batch.crop_top_lefts, batch.target_sizes)]

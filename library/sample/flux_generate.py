@@ -26,7 +26,7 @@ from PIL import Image
 
 from library.config.flux_config import FluxConfig
 from library.errors import UserError
-from library.families.flux import FluxFamily
+from library.families.flux import FluxFamily, FluxFamilyModels
 from library.families.flux_latents import pack_latents, unpack_latents
 from library.families.flux_placement import apply_low_vram, check_low_vram_flags, place_transformer
 from library.prompts.language import PromptSpec
@@ -224,15 +224,12 @@ class FluxGenerator:
                                          device, self.dtype)
         if merge_first:
             self._apply_low_vram()
-        self.family_models = {"vae": models.ae, "transformer": models.transformer,
-                              "text_encoders": [models.clip_l, models.t5],
-                              "tokenizers": [models.tokenizer_clip, models.tokenizer_t5]}
+        self.family_models = FluxFamilyModels.from_loaded(models, config.flux.t5xxl_max_token_length)
         self.pipes: dict[bool, Any] = {}
         self.family = FluxFamily()
         self.controlnets = load_controlnets(config.common.controlnets, "flux", models.transformer, device, self.dtype)
         self.controlnet_pipe = build_flux_pipeline(self.pipe(False), self.controlnets) if self.controlnets else None
-        guidance = bool(models.transformer.config.guidance_embeds)
-        self.max_length = config.flux.t5xxl_max_token_length or (512 if guidance else 256)
+        self.max_length = self.family_models.t5_max_length  # --t5xxl_max_token_length, else the model's default
         self.run_stamp = time.strftime("%Y%m%d%H%M%S")
         self.progress = ImageProgress(0, 0, enabled=False)  # generate() shows one per run
 

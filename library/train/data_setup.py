@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from library.config.train_config import RunConfig
-from library.families.interface import ModelFamily
+from library.families.interface import FamilyModels, ModelFamily
 from library.fileio import remove_stale_temp_files
 
 
@@ -60,7 +60,7 @@ def local_slice(indices: tuple[int, ...], rank: int, world: int) -> list[int]:
     return list(indices[start:start + base + (1 if rank < extra else 0)])
 
 
-def setup_caches(cfg: RunConfig, family: ModelFamily, models: dict[str, Any], datasets: list[Any], accelerator: Any,
+def setup_caches(cfg: RunConfig, family: ModelFamily, models: FamilyModels, datasets: list[Any], accelerator: Any,
                  trains_text_encoder: bool) -> Any:
     """Fill the latent and text-encoder caches the flags ask for; return the text cache (or None)."""
     from library.cache.latents import LatentCache
@@ -70,7 +70,7 @@ def setup_caches(cfg: RunConfig, family: ModelFamily, models: dict[str, Any], da
     c = cfg.cache
     if c.cache_latents or c.cache_latents_to_disk:
         # every weight counts: two VAEs that a few sampled tensors cannot tell apart must not share latents
-        vae_id = vae_identity(family.model_identity(models, "vae"), models["vae"])
+        vae_id = vae_identity(family.model_identity(models, "vae"), models.vae)
         for ds in datasets:
             cache = LatentCache(vae_id, "disk" if c.cache_latents_to_disk else "memory")
 
@@ -87,7 +87,7 @@ def setup_caches(cfg: RunConfig, family: ModelFamily, models: dict[str, Any], da
                 accelerator.wait_for_everyone()
             cache.ensure(ds, encode, c.vae_batch_size, progress=accelerator.is_local_main_process)
             ds.attach_latent_cache(cache)
-        models["vae"].to("cpu")  # not needed on the device any more
+        models.vae.to("cpu")  # not needed on the device any more
     if not (c.cache_text_encoder_outputs or c.cache_text_encoder_outputs_to_disk):
         return None
     for ds in datasets:
@@ -95,10 +95,12 @@ def setup_caches(cfg: RunConfig, family: ModelFamily, models: dict[str, Any], da
     text_dir = c.text_encoder_cache_dir or os.path.join(cfg.save.output_dir, "te_cache")
     if c.cache_text_encoder_outputs_to_disk:
         _clean_temp_files([text_dir])
-    text_id = text_identity(family.model_identity(models, "text"), models.get("text_encoders") or [],
-                            models.get("tokenizers") or [])
+    text_id = text_identity(family.model_identity(models, "text"), models.text_encoders, models.tokenizers)
     cache = TextOutputCache(text_id, "disk" if c.cache_text_encoder_outputs_to_disk else "memory", cache_dir=text_dir)
     captions = list(dict.fromkeys(cap for ds in datasets for cap in ds.fixed_captions()))
+    # --text_encoder_batch_size; sd-scripts' default is the dataset's batch size
+    te_batch = max(1, getattr(c, "text_encoder_batch_size", None)
+                   or max((ds.config.batch_size for ds in datasets), default=1))
 
     @torch.no_grad()
     def encode_text(batch: list[str]) -> dict[str, torch.Tensor]:
@@ -106,11 +108,11 @@ def setup_caches(cfg: RunConfig, family: ModelFamily, models: dict[str, Any], da
             return {k: v.float().cpu() for k, v in family.encode_text(models, batch).items()}
 
     if c.cache_text_encoder_outputs_to_disk and accelerator.num_processes > 1:
-        cache.ensure(captions, encode_text, batch_size=max(1, c.vae_batch_size),
+        cache.ensure(captions, encode_text, batch_size=te_batch,
                      progress=accelerator.is_local_main_process,
                      shard=(accelerator.process_index, accelerator.num_processes))
         accelerator.wait_for_everyone()
-    cache.ensure(captions, encode_text, batch_size=max(1, c.vae_batch_size), progress=accelerator.is_local_main_process)
-    for te in models.get("text_encoders") or []:
+    cache.ensure(captions, encode_text, batch_size=te_batch, progress=accelerator.is_local_main_process)
+    for te in models.text_encoders:
         te.to("cpu")  # only sampling needs them from now on; it brings them back for the time it runs
     return cache

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from library.config.train_config import RunConfig
 from library.errors import UserError
-from library.families.interface import ModelFamily
+from library.families.interface import FamilyModels, ModelFamily
 from library.families.registry import get_family
 from library.models.lowvram import place_module
 from library.train import checkpoint as ckpt
@@ -39,18 +39,18 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def prepare_base_models(cfg: RunConfig, family: ModelFamily, models: dict[str, Any], device: torch.device,
+def prepare_base_models(cfg: RunConfig, family: ModelFamily, models: FamilyModels, device: torch.device,
                         weight_dtype: torch.dtype) -> None:
     """Freeze the base models, put them on the device in the weight dtype (the VAE in fp32 with --no_half_vae), and
     set up attention and gradient checkpointing."""
-    denoiser = models[family.denoiser_key]
-    for module in [denoiser, models["vae"], *(models.get("text_encoders") or [])]:
+    denoiser = models.denoiser
+    for module in models.base_modules():
         module.requires_grad_(False)
         module.eval()
     vae_dtype = torch.float32 if cfg.model.no_half_vae else weight_dtype
     kept_off = family.modules_kept_off_device(models, cfg)
-    for module, dtype in [(models["vae"], vae_dtype), (denoiser, weight_dtype)] + \
-            [(te, weight_dtype) for te in models.get("text_encoders") or []]:
+    for module, dtype in [(models.vae, vae_dtype), (denoiser, weight_dtype)] + \
+            [(te, weight_dtype) for te in models.text_encoders]:
         place_module(module, device, None if dtype == torch.float32 else dtype, kept_off if module is denoiser else ())
     if cfg.training.xformers:
         try:
@@ -63,10 +63,10 @@ def prepare_base_models(cfg: RunConfig, family: ModelFamily, models: dict[str, A
     family.after_base_models_prepared(models, cfg, device)
 
 
-def shard_base_model(family: ModelFamily, models: dict[str, Any], options: ShardingOptions,
+def shard_base_model(family: ModelFamily, models: FamilyModels, options: ShardingOptions,
                      accelerator: Any) -> bool:
     """FSDP-shard the frozen denoiser across the processes (library/train/scale_out.py)."""
-    denoiser = models[family.denoiser_key]
+    denoiser = models.denoiser
     units = family.sharding_units(models)
     if not units:
         raise UserError(f"FSDP sharding is not available for the {family.__class__.__name__} models")
@@ -111,15 +111,15 @@ def build_session(cfg: RunConfig) -> Session:
     datasets = build_datasets(cfg, accelerator.num_processes, verbose=accelerator.is_main_process)
     weight_dtype = DTYPES[cfg.training.mixed_precision]
 
-    models = family.load_models(cfg.model, weight_dtype)
+    models = family.load_models(weight_dtype)
     from library.families.sdxl_text import text_options_from
-    models["text_options"] = text_options_from(cfg.training, cfg.family)  # --max_token_length, --weighted_captions
+    family.set_text_options(models, text_options_from(cfg.training, cfg.family))  # --max_token_length, ...
     prepare_base_models(cfg, family, models, accelerator.device, weight_dtype)
     device = accelerator.device
 
-    network = build_network(cfg.network_kind, models, cfg, family.denoiser_key)
+    network = build_network(cfg.network_kind, models, cfg)
     if network.trains_text_encoder:
-        for te in models["text_encoders"]:
+        for te in models.text_encoders:
             te.train()
             if cfg.training.gradient_checkpointing and hasattr(te, "gradient_checkpointing_enable"):
                 te.gradient_checkpointing_enable()

@@ -16,13 +16,14 @@ from library.train.loop_math import loss_mask, training_loss
 
 if TYPE_CHECKING:
     from library.config.training_flags import TrainingConfig
-    from library.families.interface import ModelFamily, NoisyInput
+    from library.data.dataset import Batch
+    from library.families.interface import FamilyModels, ModelFamily, NoisyInput, TextOutputs
 
 
-def compute_loss(family: ModelFamily, models: Any, training: TrainingConfig, batch: Any, latents: torch.Tensor,
-                 text: dict[str, torch.Tensor], *, generators: list[torch.Generator] | None = None,
+def compute_loss(family: ModelFamily, models: FamilyModels, training: TrainingConfig, batch: Batch,
+                 latents: torch.Tensor, text: TextOutputs, *, generators: list[torch.Generator] | None = None,
                  inp: NoisyInput | None = None, seed: int | None = None,
-                 before_forward: Callable[[Any], None] | None = None,
+                 before_forward: Callable[[Batch], None] | None = None,
                  autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
                  weighted: bool = True) -> torch.Tensor:
     """The scalar loss of one batch with the training loss function (--loss_type, --masked_loss).
@@ -44,8 +45,6 @@ def compute_loss(family: ModelFamily, models: Any, training: TrainingConfig, bat
         pred = family.predict(models, inp, text, batch)
     target = family.loss_target(models, latents, inp)
     weights = family.loss_weights(models, inp, training) if weighted else None
-    threshold_of = getattr(family, "huber_threshold", None)  # families without it: l1 / l2 only
-    return training_loss(pred, target, loss_type=training.loss_type,
-                         threshold=threshold_of(inp, training) if threshold_of else None,
+    return training_loss(pred, target, loss_type=training.loss_type, threshold=family.huber_threshold(inp, training),
                          mask=loss_mask(batch, training.masked_loss), weights=weights,
                          sample_weights=getattr(batch, "loss_weights", None) if weighted else None)

@@ -7,13 +7,17 @@ before each sample image, and saving/loading. Kohya modules are driven through n
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from library.config.train_config import RunConfig, parse_key_values
 from library.errors import UserError
+from library.families.interface import FamilyModels, SampleRequest
 from networks import protocol
+
+if TYPE_CHECKING:
+    from library.data.dataset import Batch
 
 
 class TrainNetwork(ABC):
@@ -25,7 +29,7 @@ class TrainNetwork(ABC):
     def param_groups(self, cfg: RunConfig) -> list[dict[str, Any]]:
         ...
 
-    def before_forward(self, batch: Any) -> None:
+    def before_forward(self, batch: Batch) -> None:
         """Called with each batch before the denoiser runs."""
 
     def on_epoch_start(self) -> None:
@@ -35,7 +39,7 @@ class TrainNetwork(ABC):
         """Called after each optimizer step; may return values to log."""
         return None
 
-    def before_sample(self, request: Any) -> None:
+    def before_sample(self, request: SampleRequest) -> None:
         """Called before each sample image is generated."""
 
     def after_sample(self) -> None:
@@ -48,24 +52,27 @@ class KohyaNetwork(TrainNetwork):
     `prepare_network`) only when the network has them. Modules other than ours see the models as sd-scripts shows
     them (networks/model_views.py)."""
 
-    def __init__(self, models: dict[str, Any], cfg: RunConfig, denoiser_key: str):
+    def __init__(self, models: FamilyModels, cfg: RunConfig):
         ncfg = cfg.network
         self.module_name = ncfg.network_module
         mod = protocol.import_network_module(ncfg.network_module)
         kwargs = parse_key_values(ncfg.network_args, "--network_args")
         if ncfg.network_dim is None and not ncfg.network_weights:
             raise UserError("--network_dim is required (the LoRA rank), e.g. --network_dim 16")
-        text_encoders = models.get("text_encoders") or []
+        if ncfg.dim_from_weights and not ncfg.network_weights:
+            raise UserError("--dim_from_weights takes the rank from --network_weights: give --network_weights FILE")
+        text_encoders = models.text_encoders
         self.train_unet = not ncfg.network_train_text_encoder_only
         self.trains_text_encoder = not ncfg.network_train_unet_only and bool(text_encoders)
         if cfg.cache.cache_text_encoder_outputs and self.trains_text_encoder:
             raise UserError("--cache_text_encoder_outputs needs --network_train_unet_only: "
                             "cached outputs cannot train a text-encoder LoRA")
-        self._text_encoders, self._denoiser = protocol.models_for(mod, text_encoders, models[denoiser_key])
+        self._text_encoders, self._denoiser = protocol.models_for(mod, text_encoders, models.denoiser)
         self._scale_weight_norms = getattr(ncfg, "scale_weight_norms", None)
-        vae = models.get("vae")
-        if ncfg.network_dim is None:
-            # sd-scripts' --dim_from_weights: the module shapes the network after the file (ranks, alphas, modules)
+        vae = models.vae
+        if ncfg.network_dim is None or ncfg.dim_from_weights:
+            # sd-scripts' --dim_from_weights (implied without --network_dim): the module shapes the network after the
+            # file (ranks, alphas, modules); --network_dim / --network_alpha are then not used
             self.module, _ = mod.create_network_from_weights(1.0, ncfg.network_weights, vae, self._text_encoders,
                                                              self._denoiser, **kwargs)
         else:
@@ -97,7 +104,7 @@ class KohyaNetwork(TrainNetwork):
         # a module may hand out dict views or generators (LyCORIS does): the optimizer and checkpoints need lists
         return [dict(g, params=list(g["params"])) for g in groups]
 
-    def before_forward(self, batch: Any) -> None:
+    def before_forward(self, batch: Batch) -> None:
         if self._on_step_start is not None:
             self._on_step_start(self._text_encoders, self._denoiser)
 
@@ -117,11 +124,11 @@ class LLLiteNetwork(TrainNetwork):
 
     file_kind = "lllite"
 
-    def __init__(self, models: dict[str, Any], cfg: RunConfig, denoiser_key: str):
+    def __init__(self, models: FamilyModels, cfg: RunConfig):
         from networks import control_net_lllite as lllite
 
         n = cfg.network
-        unet = models[denoiser_key]
+        unet = models.denoiser
         if n.network_weights:
             self.module = lllite.create_network_from_weights(unet, n.network_weights, multiplier=1.0)
         else:
@@ -135,16 +142,16 @@ class LLLiteNetwork(TrainNetwork):
         groups = self.module.prepare_optimizer_params(lr)
         return groups[0] if isinstance(groups, tuple) else groups
 
-    def before_forward(self, batch: Any) -> None:
+    def before_forward(self, batch: Batch) -> None:
         if batch.conditioning_images is None:
             raise UserError("ControlNet-LLLite training needs a ControlNet dataset: set conditioning_data_dir "
                             "in the dataset config's subsets")
         self.module.set_cond_image(batch.conditioning_images)
 
-    def before_sample(self, request: Any) -> None:
+    def before_sample(self, request: SampleRequest) -> None:
         from library.data.images import load_image
 
-        path = (request.extras or {}).get("control_image")
+        path = request.control_image
         if not path:
             self.module.set_cond_image(None)
             return
@@ -172,7 +179,7 @@ register_train_network("lora", KohyaNetwork)  # any kohya network module (--netw
 register_train_network("lllite", LLLiteNetwork)
 
 
-def build_network(kind: str, models: dict[str, Any], cfg: RunConfig, denoiser_key: str) -> TrainNetwork:
+def build_network(kind: str, models: FamilyModels, cfg: RunConfig) -> TrainNetwork:
     if kind not in _TRAIN_NETWORKS:
         raise UserError(f"unknown network kind {kind!r}; known: {sorted(_TRAIN_NETWORKS)}")
-    return _TRAIN_NETWORKS[kind](models, cfg, denoiser_key)
+    return _TRAIN_NETWORKS[kind](models, cfg)

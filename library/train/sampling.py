@@ -19,8 +19,8 @@ DEFAULT_SAMPLE_SCALE = 7.0
 
 def requests_from_prompt_file(path: str, default_size: tuple[int, int], seed: int) -> list[SampleRequest]:
     """One request per prompt (a .txt line, or a .toml / .json entry as sd-scripts writes them); a prompt without
-    a seed gets seed+index so that samples are comparable over steps. A prompt's own sampler (--ss) and distilled
-    guidance (--g) travel in `extras`."""
+    a seed gets seed+index so that samples are comparable over steps. A prompt's own sampler (--ss), distilled
+    guidance (--g) and control image (--cn) travel in the request's fields of those names."""
     from library.prompts.prompt_files import read_training_prompts
 
     requests = []
@@ -28,13 +28,12 @@ def requests_from_prompt_file(path: str, default_size: tuple[int, int], seed: in
         spec = entry.spec
         image_seed = spec.seed if spec.seed is not None else seed + i
         rendered = spec.render(random.Random(image_seed))
-        extras = {k: v for k, v in (("control_image", spec.control_image), ("sampler", entry.sampler),
-                                    ("guidance_scale", entry.guidance_scale)) if v is not None and v != ""}
         requests.append(SampleRequest(
             prompt=rendered.prompt, negative_prompt=rendered.negative_prompt or "",
             width=spec.width or default_size[0], height=spec.height or default_size[1],
             steps=spec.steps or DEFAULT_SAMPLE_STEPS, scale=spec.scale if spec.scale is not None else DEFAULT_SAMPLE_SCALE,
-            seed=image_seed, extras=extras or None))
+            seed=image_seed, control_image=spec.control_image or None, sampler=entry.sampler or None,
+            guidance_scale=entry.guidance_scale))
     return requests
 
 
@@ -93,12 +92,12 @@ def sample_during_training(session: Session, step: int, out_dir: str | None = No
     net = session.accelerator.unwrap_model(session.network.module)
     if multiplier is not None:
         net.set_multiplier(multiplier)
-    denoiser = session.models[session.family.denoiser_key]
+    denoiser = session.models.denoiser
     was_training = denoiser.training, net.training
     denoiser.eval()
     net.eval()
     # the VAE and text encoders may have been moved off the device after caching: bring them back while sampling
-    parked = [m for m in [session.models["vae"], *(session.models.get("text_encoders") or [])]
+    parked = [m for m in [session.models.vae, *session.models.text_encoders]
               if next(m.parameters()).device != session.accelerator.device]
     for m in parked:
         m.to(session.accelerator.device)
@@ -141,7 +140,7 @@ def sample_during_training(session: Session, step: int, out_dir: str | None = No
 
 
 def _sampler_of(request: SampleRequest, default: str) -> str:
-    return (request.extras or {}).get("sampler") or default
+    return request.sampler or default
 
 
 def _log_images(session: Session, images: list[Any], step: int) -> None:

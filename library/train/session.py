@@ -6,12 +6,12 @@ checkpoints) can name the type without importing the loop that imports them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from library.config.train_config import RunConfig
-from library.families.interface import ModelFamily
+from library.families.interface import FamilyModels, ModelFamily
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -35,7 +35,7 @@ class Session:
     cfg: RunConfig
     family: ModelFamily
     accelerator: Accelerator
-    models: dict[str, Any]
+    models: FamilyModels
     network: TrainNetwork
     datasets: list[TrainDataset]
     optimizer: torch.optim.Optimizer
