@@ -179,16 +179,16 @@ def test_highres_fix_latent_upscaling_runs_and_differs_from_pixel_upscaling(tmp_
     assert max_diff(lat, pix) > 0
 
 
-def test_prompt_file_name_option_and_unsupported_negative_scale(tmp_path):
+def test_prompt_file_name_option_and_flux_rejects_negative_scale(tmp_path):
     from library.errors import UserError
-    from library.sample.generation import check_common, output_stem
+    from library.sample.generation import output_stem, reject_unet_prompt_options
 
     c = GenerationConfig(model="m", outdir="o", width=64, height=64, prompts=[parse_prompt_line("a --f cube.png")])
     req = plan_requests(c, None, 0)[0]
     assert output_stem(c, req, "stamp") == "cube"
     bad = GenerationConfig(model="m", outdir="o", prompts=[replace(parse_prompt_line("a --nl 2"), line_no=4)])
-    with pytest.raises(UserError, match="prompt line 4: --nl"):
-        check_common(bad)
+    with pytest.raises(UserError, match="prompt line 4: --nl"):  # SDXL honours it (tests/test_gen_unet_options.py)
+        reject_unet_prompt_options(bad, "FLUX")
 
 
 def test_network_args_are_parsed_per_network():

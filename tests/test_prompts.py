@@ -225,7 +225,7 @@ def test_prompt_line_options():
     assert spec.seeds == (1, 2, 3) and spec.seed == 1
     assert [spec.seed_for(i) for i in range(4)] == [1, 2, 3, None]
     assert spec.network_muls == (0.5, -1.0)
-    assert spec.negative_scale is None
+    assert spec.negative_scale == "none"  # --nl none: off for this line (None: not given)
     rendered = spec.render(random.Random(0))
     assert rendered.prompt in {"a cat", "a dog"}
     assert rendered.negative_prompt in {"ugly, lowres", "blurry, lowres"}

@@ -417,7 +417,7 @@ class PromptSpec:
     steps: int | None = None
     seeds: tuple[int, ...] | None = None
     scale: float | None = None
-    negative_scale: float | None = None
+    negative_scale: float | str | None = None  # NO_NEGATIVE_SCALE ("none"): off for this line
     strength: float | None = None
     network_muls: tuple[float, ...] | None = None
     original_width: int | None = None
@@ -429,6 +429,18 @@ class PromptSpec:
     filename: str | None = None
     clip_prompt: str | None = None
     control_image: str | None = None
+    # Deep Shrink (library.sample.deep_shrink) and gradual latent (library.sample.gradual_latent) overrides
+    ds_depth_1: int | None = None
+    ds_timesteps_1: int | None = None
+    ds_depth_2: int | None = None
+    ds_timesteps_2: int | None = None
+    ds_ratio: float | None = None
+    gl_timesteps: int | None = None
+    gl_ratio: float | None = None
+    gl_every_n_steps: int | None = None
+    gl_ratio_step: float | None = None
+    gl_s_noise: float | None = None
+    gl_unsharp_params: str | None = None
     raw: str = ""
     line_no: int | None = None
 
@@ -494,8 +506,27 @@ def _floats_value(value: str) -> tuple[float, ...]:
     return tuple(_float_value(part) for part in value.split(","))
 
 
-def _negative_scale_value(value: str) -> float | None:
-    return None if value.lower() == "none" else _float_value(value)
+NO_NEGATIVE_SCALE = "none"  # `--nl none`: no negative scale for this line, whatever --negative_scale says
+
+
+def _negative_scale_value(value: str) -> float | str:
+    return NO_NEGATIVE_SCALE if value.lower() == "none" else _float_value(value)
+
+
+def _positive_float(value: str) -> float:
+    number = _float_value(value)
+    if number <= 0:
+        raise ValueError("must be above 0")
+    return number
+
+
+def _unsharp_value(value: str) -> str:
+    parts = value.split(",")
+    if not 3 <= len(parts) <= 4:
+        raise ValueError("must be ksize,sigma,strength[,target_x], e.g. 3,0.5,0.5,1")
+    for part in parts:
+        _float_value(part)
+    return value
 
 
 # option name (as written after "--", case-insensitive) -> (PromptSpec field, converter, what to write)
@@ -518,9 +549,20 @@ PROMPT_OPTIONS: dict[str, tuple[str, Callable[[str], Any] | None, str]] = {
     "f": ("filename", str, "an output file name"),
     "c": ("clip_prompt", str, "a CLIP prompt (recorded in the PNG; SDXL has no separate CLIP prompt)"),
     "cn": ("control_image", str, "a control (guide) image path for ControlNet-LLLite"),
+    "dsd1": ("ds_depth_1", _int_value(0), "a Deep Shrink depth 1 (0 to 8)"),
+    "dst1": ("ds_timesteps_1", _int_value(0), "a Deep Shrink timestep 1, e.g. 650"),
+    "dsd2": ("ds_depth_2", _int_value(0), "a Deep Shrink depth 2 (0 to 8)"),
+    "dst2": ("ds_timesteps_2", _int_value(0), "a Deep Shrink timestep 2, e.g. 650"),
+    "dsr": ("ds_ratio", _positive_float, "a Deep Shrink ratio, e.g. 0.5"),
+    "glt": ("gl_timesteps", _int_value(0), "a gradual latent start timestep, e.g. 650"),
+    "glr": ("gl_ratio", _positive_float, "a gradual latent start ratio, e.g. 0.5"),
+    "gle": ("gl_every_n_steps", _int_value(1), "a gradual latent step count, e.g. 3"),
+    "gls": ("gl_ratio_step", _positive_float, "a gradual latent ratio step, e.g. 0.125"),
+    "glsn": ("gl_s_noise", _float_value, "a gradual latent s_noise, e.g. 1.0"),
+    "glus": ("gl_unsharp_params", _unsharp_value, "gradual latent unsharp parameters, e.g. 3,0.5,0.5,1"),
 }
 
-_OPTION_START_RE = re.compile(r"--([A-Za-z]+)")
+_OPTION_START_RE = re.compile(r"--([A-Za-z][A-Za-z0-9]*)")  # letters, then digits too (--dsd1)
 
 
 def _option_starts(line: str) -> list[int]:
@@ -617,6 +659,7 @@ def read_prompt_file(path: str | Path) -> list[PromptSpec]:
 
 __all__ = [
     "DEFAULT_SEPARATOR",
+    "NO_NEGATIVE_SCALE",
     "PROMPT_OPTIONS",
     "Literal",
     "PromptSpec",

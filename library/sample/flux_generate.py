@@ -35,7 +35,7 @@ from library.sample.controlnets import build_flux_pipeline, flux_call_kwargs, lo
 from library.sample.generation import (
     DTYPES, SEED_RANGE, AttachedNetworks, GenerationConfig, ImageProgress, ImageRequest, NetworkSpec, check_common,
     controlnet_images, initial_noise, list_images, load_rgb, load_wildcards, make_batches, move_model, plan_requests,
-    resolve_device, save_request_png,
+    reject_unet_prompt_options, resolve_device, save_request_png,
 )
 
 logger = logging.getLogger(__name__)
@@ -175,6 +175,7 @@ def kontext_prompts(prompts: Sequence[PromptSpec], options: FluxOptions) -> list
 def plan_flux_requests(config: FluxGenerationConfig, base_seed: int) -> list[ImageRequest]:
     common = config.common
     check_common(common)
+    reject_unet_prompt_options(common, "FLUX")
     check_low_vram_flags(config.flux.blocks_to_swap, "generate")
     if config.flux.control_image and common.controlnets:
         raise UserError("--control_image (Kontext) and --control_net_models cannot be combined")

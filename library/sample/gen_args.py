@@ -219,11 +219,51 @@ def add_controlnet_args(p: argparse.ArgumentParser) -> None:
                    help="union models: control types per model, comma-separated (e.g. canny,depth)")
 
 
+def add_unet_guidance_args(p: argparse.ArgumentParser) -> None:
+    """--negative_scale, Deep Shrink and gradual latent, with sd-scripts' names, types and defaults; a prompt line
+    overrides them with --nl, --dsd1 --dst1 --dsd2 --dst2 --dsr, --glt --glr --gle --gls --glsn --glus."""
+    g = p.add_argument_group("negative scale (library/sample/negative_scale.py)")
+    g.add_argument("--negative_scale", type=float, default=None,
+                   help="a guidance scale of its own for the negative prompt: u + scale*(c-u) - negative_scale*(n-u)")
+    g = p.add_argument_group("Deep Shrink (library/sample/deep_shrink.py)")
+    g.add_argument("--ds_depth_1", type=int, default=None,
+                   help="enable Deep Shrink: shrink the U-Net's hidden states at this input depth (0 to 8)")
+    g.add_argument("--ds_timesteps_1", type=int, default=650, help="shrink at depth 1 while the timestep >= this")
+    g.add_argument("--ds_depth_2", type=int, default=None, help="a second depth, used below --ds_timesteps_1")
+    g.add_argument("--ds_timesteps_2", type=int, default=650, help="shrink at depth 2 while the timestep >= this")
+    g.add_argument("--ds_ratio", type=float, default=0.5, help="Deep Shrink's downscaling ratio")
+    g = p.add_argument_group("gradual latent (library/sample/gradual_latent.py; euler_a only)")
+    g.add_argument("--gradual_latent_timesteps", type=int, default=None,
+                   help="enable gradual latent: start small and enlarge the latents below this timestep")
+    g.add_argument("--gradual_latent_ratio", type=float, default=0.5, help="the starting size ratio (0.5: half)")
+    g.add_argument("--gradual_latent_ratio_step", type=float, default=0.125, help="ratio added at each enlargement")
+    g.add_argument("--gradual_latent_every_n_steps", type=int, default=3, help="steps between enlargements")
+    g.add_argument("--gradual_latent_s_noise", type=float, default=1.0, help="noise scale of the enlarging steps")
+    g.add_argument("--gradual_latent_unsharp_params", type=str, default=None,
+                   help="unsharp mask at each enlargement: ksize,sigma,strength[,target_x] (e.g. 3,0.5,0.5,1)")
+
+
+def unet_guidance_from_args(args: argparse.Namespace) -> dict:
+    """The GenerationConfig fields of `add_unet_guidance_args`."""
+    from library.sample.deep_shrink import DeepShrink
+    from library.sample.gradual_latent import GradualLatent, parse_unsharp
+
+    if getattr(args, "ds_ratio", None) is None:  # a parser without the group
+        return {}
+    shrink = DeepShrink(args.ds_depth_1, args.ds_timesteps_1, args.ds_depth_2, args.ds_timesteps_2, args.ds_ratio)
+    shrink.check()
+    gradual = GradualLatent(args.gradual_latent_timesteps, args.gradual_latent_ratio, args.gradual_latent_ratio_step,
+                            args.gradual_latent_every_n_steps, args.gradual_latent_s_noise,
+                            parse_unsharp(args.gradual_latent_unsharp_params))
+    gradual.check()
+    return dict(negative_scale=args.negative_scale, deep_shrink=shrink, gradual_latent=gradual)
+
+
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, allow_abbrev=False)
     for add in (add_model_args, add_prompt_args, add_image_args, add_batch_args, add_network_args, add_lllite_args,
                 add_controlnet_args, add_highres_fix_args, add_naming_args, add_text_encoding_args,
-                add_regional_args, add_interactive_args, add_environment_args):
+                add_regional_args, add_interactive_args, add_unet_guidance_args, add_environment_args):
         add(p)
     return p
 
@@ -304,6 +344,7 @@ def config_from_args(args: argparse.Namespace) -> GenerationConfig:
         iter_same_seed=args.iter_same_seed, network_merge_n_models=args.network_merge_n_models,
         network_show_meta=args.network_show_meta,
         max_embeddings_multiples=getattr(args, "max_embeddings_multiples", None),
+        **unet_guidance_from_args(args),
         highres_fix=highres_fix_from_args(args),
         steps=args.steps, scale=args.scale, seed=args.seed, n_iter=args.n_iter,
         images_per_prompt=args.images_per_prompt, batch_size=args.batch_size, vae_batch_size=args.vae_batch_size,

@@ -26,10 +26,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from library.errors import ModelLoadError, UserError
-from library.prompts.language import PromptSpec, Template, WildcardSet
+from library.prompts.language import NO_NEGATIVE_SCALE, PromptSpec, Template, WildcardSet
 from library.prompts.weighting import has_attention_syntax
 from library.prompts.png_metadata import GenerationInfo, save_png_with_info
 from library.prompts.samplers import canonical_sampler_name
+from library.sample import deep_shrink, gradual_latent
 from library.sample.controlnets import ControlNetSpec
 from networks.attach import attach_network_file
 
@@ -106,6 +107,9 @@ class GenerationConfig:
     network_show_meta: bool = False
     highres_fix: Any = None  # library.sample.highres_fix.HighresFix when --highres_fix_scale is given
     max_embeddings_multiples: int | None = None  # None: 75 tokens, and the pipeline's own encoding for plain prompts
+    negative_scale: float | None = None  # --negative_scale (library.sample.negative_scale)
+    deep_shrink: Any = None  # library.sample.deep_shrink.DeepShrink: the --ds_* flags
+    gradual_latent: Any = None  # library.sample.gradual_latent.GradualLatent: the --gradual_latent_* flags
     vae: str | None = None  # --vae: a separate VAE (single file or diffusers folder) instead of the model's
     textual_inversion_embeddings: tuple[str, ...] = ()  # sd-scripts' SDXL embedding files (clip_l / clip_g)
     interactive: bool = False  # --interactive: prompts are read from stdin, one per line, until end of input
@@ -142,6 +146,9 @@ class ImageRequest:
     init_image: str | None = None
     strength: float | None = None
     controlnet_images: tuple[tuple[str, ...], ...] | None = None  # per ControlNet, one guide per input
+    negative_scale: float | None = None
+    deep_shrink: Any = None  # DeepShrink, or None: off
+    gradual_latent: Any = None  # GradualLatent, or None: off
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call without changing any image.
@@ -152,7 +159,7 @@ class ImageRequest:
         return (self.width, self.height, self.steps, self.scale, self.original_size, self.crop,
                 self.negative_original_size, self.network_muls, self.weighted,
                 self.negative_prompt is None, self.control_image is None, self.init_image is None, self.strength,
-                self.controlnet_images is None)
+                self.controlnet_images is None, self.negative_scale, self.deep_shrink, self.gradual_latent)
 
 
 # ----------------------------------------------------------------------------------------------------- planning
@@ -212,14 +219,30 @@ def check_common(config: GenerationConfig) -> None:
     if config.network_merge and any(p.network_muls for p in config.prompts):
         raise UserError("per-prompt --am cannot change networks merged with --network_merge; drop one of them")
     for p in config.prompts:
-        if p.negative_scale is not None:
-            raise UserError(f"{where_in_prompts(p)}: --nl (sd-scripts' negative scale) is not supported yet; "
-                            "remove it from the line")
         if p.filename and Path(p.filename).name != p.filename:
             raise UserError(f"{where_in_prompts(p)}: --f '{p.filename}' must be a file name, not a path")
         if p.network_muls and len(p.network_muls) > len(config.networks):
             raise UserError(f"{where_in_prompts(p)}: --am gives {len(p.network_muls)} multipliers but only "
                             f"{len(config.networks)} network(s) are loaded")
+
+
+# prompt options that act on a U-Net with classifier-free guidance (SDXL), with what they are
+UNET_PROMPT_OPTIONS = {"negative_scale": "--nl (negative scale)", "ds_depth_1": "--dsd1 (Deep Shrink)",
+                       "ds_timesteps_1": "--dst1 (Deep Shrink)", "ds_depth_2": "--dsd2 (Deep Shrink)",
+                       "ds_timesteps_2": "--dst2 (Deep Shrink)", "ds_ratio": "--dsr (Deep Shrink)",
+                       "gl_timesteps": "--glt (gradual latent)", "gl_ratio": "--glr (gradual latent)",
+                       "gl_every_n_steps": "--gle (gradual latent)", "gl_ratio_step": "--gls (gradual latent)",
+                       "gl_s_noise": "--glsn (gradual latent)", "gl_unsharp_params": "--glus (gradual latent)"}
+
+
+def reject_unet_prompt_options(config: GenerationConfig, family: str) -> None:
+    """For scripts without a U-Net and guidance (FLUX): a line that uses SDXL's --nl/--ds*/--gl* options fails
+    before any model loads, rather than being silently drawn without them."""
+    for p in config.prompts:
+        for name, option in UNET_PROMPT_OPTIONS.items():
+            if getattr(p, name, None) is not None:
+                raise UserError(f"{where_in_prompts(p)}: {option} works with SDXL's U-Net only, not with {family}; "
+                                "remove it from the line")
 
 
 def load_wildcards(config: GenerationConfig) -> WildcardSet | None:
@@ -325,7 +348,22 @@ def _request(config: GenerationConfig, spec: PromptSpec, k: int, j: int, base_se
         init_image=init,
         strength=strength,
         controlnet_images=controlnet_images,
+        **_unet_options(config, spec, where),
     )
+
+
+def _unet_options(config: GenerationConfig, spec: PromptSpec, where: str) -> dict[str, Any]:
+    """Negative scale, Deep Shrink and gradual latent for one line: its --nl/--ds*/--gl* over the flags."""
+    negative_scale = config.negative_scale
+    if spec.negative_scale is not None:
+        negative_scale = None if spec.negative_scale == NO_NEGATIVE_SCALE else float(spec.negative_scale)
+    shrink = deep_shrink.resolve(config.deep_shrink, spec)
+    if shrink is not None:
+        shrink.check(where)
+    gradual = gradual_latent.resolve(config.gradual_latent, spec, where)
+    if gradual is not None:
+        gradual.check(where)
+    return dict(negative_scale=negative_scale, deep_shrink=shrink, gradual_latent=gradual)
 
 
 def make_batches(requests: Sequence[ImageRequest], batch_size: int) -> list[list[ImageRequest]]:
@@ -497,6 +535,12 @@ def save_request_png(config: GenerationConfig, req: ImageRequest, image: Image.I
         extra["strength"] = f"{req.strength:g}"
     if req.network_muls:
         extra["network_muls"] = ",".join(f"{m:g}" for m in req.network_muls)
+    if req.negative_scale is not None:
+        extra["negative-scale"] = f"{req.negative_scale:g}"  # sd-scripts' chunk name
+    if req.deep_shrink is not None:
+        extra["deep_shrink"] = req.deep_shrink.describe()
+    if req.gradual_latent is not None:
+        extra["gradual_latent"] = req.gradual_latent.describe()
     info = GenerationInfo(prompt=req.prompt, negative_prompt=req.negative_prompt or "", seed=req.seed,
                           steps=req.steps, scale=req.scale, sampler=sampler, width=req.width,
                           height=req.height, model=os.path.basename(config.model.rstrip("/\\")),

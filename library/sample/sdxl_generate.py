@@ -20,6 +20,8 @@ from library.prompts.samplers import canonical_sampler_name
 from library.sample.controlnets import build_sdxl_pipeline, check_specs, load_controlnets, sdxl_call_kwargs
 from library.sample.highres_fix import HighresFix, upscale_latents
 from library.sample.long_prompt import encode_sdxl_prompts
+from library.sample.negative_scale import empty_prompt_embeds
+from library.sample.unet_options import check_unet_options, unet_options
 from library.sample.regional_mask import attach_regions, check_regional
 from library.sample.textual_inversion import TokenExpander, load_textual_inversion
 from library.sample.generation import (
@@ -35,6 +37,7 @@ def check_config(config: GenerationConfig) -> None:
     """Reject option combinations that cannot work, before any model is loaded."""
     check_common(config)
     check_control(config)
+    check_unet_options(config)
     check_regional(config)
     for path in config.textual_inversion_embeddings:
         if not os.path.isfile(path):
@@ -173,24 +176,35 @@ class SDXLGenerator:
             negative_target_size=(first.height, first.width),
             output_type="latent",
         )
-        if first.weighted:
+        if first.weighted or first.negative_scale is not None:  # --negative_scale: sd-scripts' encoding throughout
             kwargs.update(self._embeds(batch))
         if init is None and first.init_image is not None:
             init = [load_rgb(r.init_image, size) for r in batch]
-        if init is not None:
-            self.progress.show_steps(self.img2img)
-            latents = self.img2img(image=init, strength=first.strength, **kwargs).images
-        else:
-            noise = initial_noise(generators, self.pipe.unet.config.in_channels, first.height, first.width)
-            pipe = self.pipe
-            if self.controlnet_pipe is not None and first.controlnet_images is not None and control:
-                pipe = self.controlnet_pipe
-                kwargs.update(sdxl_call_kwargs(self.controlnets, controlnet_images(batch, size, self.controlnets)))
-            self.progress.show_steps(pipe)
-            latents = pipe(width=first.width, height=first.height, latents=noise.to(self.device, self.dtype),
-                           **kwargs).images
+        pipes = [self.pipe, self.controlnet_pipe, self.img2img if init is not None else self._img2img]
+        with unet_options(first, self.pipe.unet, pipes, self.sampler, lambda: self._empty_embeds(batch)):
+            if init is not None:
+                self.progress.show_steps(self.img2img)
+                latents = self.img2img(image=init, strength=first.strength, **kwargs).images
+            else:
+                noise = initial_noise(generators, self.pipe.unet.config.in_channels, first.height, first.width)
+                pipe = self.pipe
+                if self.controlnet_pipe is not None and first.controlnet_images is not None and control:
+                    pipe = self.controlnet_pipe
+                    kwargs.update(sdxl_call_kwargs(self.controlnets, controlnet_images(batch, size, self.controlnets)))
+                self.progress.show_steps(pipe)
+                latents = pipe(width=first.width, height=first.height, latents=noise.to(self.device, self.dtype),
+                               **kwargs).images
         self.networks.set_control(None)
         return latents
+
+    def _empty_embeds(self, batch: Sequence[ImageRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty prompt for --negative_scale, at the sequence length of the batch's prompt embeddings."""
+        models = self.models
+        return empty_prompt_embeds(
+            [models.tokenizer1, models.tokenizer2], [models.text_encoder1, models.text_encoder2],
+            [self.expander.expand(r.prompt) for r in batch],
+            [self.expander.expand(r.negative_prompt or "") for r in batch],
+            self.config.max_embeddings_multiples or 1, self.device)
 
     def _embeds(self, batch: Sequence[ImageRequest]) -> dict[str, Any]:
         """sd-scripts' weighted, chunked prompt encoding, in place of the pipeline's prompt text."""
