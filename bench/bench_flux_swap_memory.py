@@ -40,7 +40,8 @@ def run(variant: str, args, base) -> dict:
     tr = copy.deepcopy(base)  # the same CPU weights for every variant
     models = FluxFamilyModels(denoiser=tr, vae=torch.nn.Linear(1, 1))
     cfg = SimpleNamespace(model=SimpleNamespace(no_half_vae=False),
-                          training=SimpleNamespace(xformers=False, gradient_checkpointing=True))
+                          training=SimpleNamespace(xformers=False, gradient_checkpointing=True),
+                          environment=SimpleNamespace(cpu_offload_checkpointing=False))
     gc.collect()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
@@ -24,9 +24,10 @@ TEXT_ENCODER_PREFIX = "lora_te"
 DENOISER_PREFIX = "lora_unet"
 
 
-def attach_network_file(module_name: str, file: str | os.PathLike, multiplier: float, vae: Any, text_encoders: list,
-                        denoiser: torch.nn.Module, merge: bool, device: torch.device,
-                        dtype: torch.dtype, net_kwargs: dict[str, str] | None = None) -> Any | None:
+def attach_network_file(module_name: str, file: str | os.PathLike, multiplier: float, vae: torch.nn.Module | None,
+                        text_encoders: Sequence[torch.nn.Module], denoiser: torch.nn.Module, merge: bool,
+                        device: torch.device, dtype: torch.dtype,
+                        net_kwargs: dict[str, str] | None = None) -> protocol.Network | None:
     """Hook the network in `file` into the models (returned, for `set_multiplier`), or merge it (returns None).
 
     A network that says it is not mergeable (`is_mergeable()` false) is hooked in even with `merge`, as sd-scripts

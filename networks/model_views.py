@@ -28,13 +28,16 @@ import contextlib
 import re
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from library.models import flux_keys
 from library.models.sdxl_unet_names import diffusers_to_sgm
+
+if TYPE_CHECKING:
+    from networks.protocol import TextEncoders
 
 # ------------------------------------------------------------------------------------------------------ view nodes
 
@@ -357,7 +360,7 @@ def sd_scripts_view(model: nn.Module | None) -> nn.Module | None:
     return view
 
 
-def sd_scripts_text_encoders(text_encoders: Any) -> Any:
+def sd_scripts_text_encoders(text_encoders: TextEncoders) -> TextEncoders:
     """The text encoder list (or single encoder) with each CLIP model shown as transformers 4 named it."""
     if text_encoders is None:
         return None

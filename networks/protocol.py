@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from types import ModuleType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Union, runtime_checkable
 
 import torch
 
 from library.errors import UserError
+
+#: how sd-scripts hands text encoders to a network module: one encoder, a list of them (SDXL: CLIP-L, CLIP-G;
+#: FLUX: CLIP-L, T5), or None
+TextEncoders = Union[torch.nn.Module, Sequence[torch.nn.Module], None]
 
 # sd-scripts calls these only after `hasattr` (train_network.py): a module may leave them out.
 OPTIONAL_NETWORK_MEMBERS: tuple[str, ...] = (
@@ -114,7 +118,8 @@ def uses_native_models(module: ModuleType) -> bool:
     return bool(getattr(module, "NATIVE_MODELS", False))
 
 
-def models_for(module: ModuleType, text_encoders: Any, denoiser: Any) -> tuple[Any, Any]:
+def models_for(module: ModuleType, text_encoders: TextEncoders,
+               denoiser: torch.nn.Module) -> tuple[TextEncoders, torch.nn.Module]:
     """(text encoders, denoiser) as this network module must see them (see the module docstring)."""
     if uses_native_models(module):
         return text_encoders, denoiser
@@ -130,5 +135,5 @@ def optional(network: Any, name: str) -> Any:
 
 
 __all__ = ["Network", "NetworkModule", "OPTIONAL_NETWORK_MEMBERS", "REQUIRED_MODULE_FUNCTIONS",
-           "REQUIRED_NETWORK_MEMBERS", "check_network", "import_network_module", "models_for", "optional",
-           "uses_native_models"]
+           "REQUIRED_NETWORK_MEMBERS", "TextEncoders", "check_network", "import_network_module", "models_for",
+           "optional", "uses_native_models"]

@@ -185,7 +185,8 @@ def test_swapped_blocks_never_visit_the_device_at_load_time(tiny):
     tr = copy.deepcopy(tiny.transformer)
     models = FluxFamilyModels(denoiser=tr, vae=torch.nn.Linear(2, 2))
     cfg = SimpleNamespace(model=SimpleNamespace(no_half_vae=False),
-                          training=SimpleNamespace(xformers=False, gradient_checkpointing=True))
+                          training=SimpleNamespace(xformers=False, gradient_checkpointing=True),
+                          environment=SimpleNamespace(cpu_offload_checkpointing=False))
     family = FluxFamily(FluxModelConfig(flux=FluxConfig(blocks_to_swap=3)))
     kept = family.modules_kept_off_device(models, cfg)
     assert kept == [tr.transformer_blocks[1], *tr.single_transformer_blocks]

@@ -3,7 +3,6 @@ resolution-dependent shift (mu), drawn per sample so that a sample's t does not 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
@@ -24,7 +23,7 @@ def flux_mu(image_seq_len: int) -> float:
     return image_seq_len * m + (BASE_SHIFT - m * BASE_SEQ_LEN)
 
 
-def sample_sigmas(batch: int, generators: Any, fcfg: FluxConfig, image_seq_len: int) -> torch.Tensor:
+def sample_sigmas(batch: int, generators: torch.Generator | list[torch.Generator], fcfg: FluxConfig, image_seq_len: int) -> torch.Tensor:
     """t in (0, 1] per sample, by sd-scripts' --timestep_sampling methods; one generator per sample (or one for
     the batch), as the loop hands them out."""
     method = fcfg.timestep_sampling
@@ -47,7 +46,7 @@ def sample_sigmas(batch: int, generators: Any, fcfg: FluxConfig, image_seq_len: 
     return t  # sigmoid
 
 
-def timestep_density(batch: int, generators: Any, scheme: str, logit_mean: float, logit_std: float,
+def timestep_density(batch: int, generators: torch.Generator | list[torch.Generator], scheme: str, logit_mean: float, logit_std: float,
                      mode_scale: float) -> torch.Tensor:
     """u in [0, 1) per sample by SD3's timestep densities (sd-scripts' --weighting_scheme for --timestep_sampling
     sigma): logit_normal is sigmoid of a normal(logit_mean, logit_std) draw; mode maps a uniform u to

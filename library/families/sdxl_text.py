@@ -9,9 +9,14 @@ re-normalisation, as sd-scripts' training does; the pooled output is not weighte
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
+
+if TYPE_CHECKING:  # annotations only
+    from transformers import PreTrainedTokenizerBase
+
+    from library.config.training_flags import TrainingConfig
 
 CHUNK_BODY = 75  # tokens between BOS and EOS in one CLIP sequence
 
@@ -34,7 +39,7 @@ class TextOptions:
         return "-".join(parts)
 
 
-def chunked_ids(tokenizer: Any, ids: torch.Tensor) -> torch.Tensor:
+def chunked_ids(tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor) -> torch.Tensor:
     """(n, 77) pieces of one caption's (max_token_length + 2) ids: BOS + 75 ids + the closing id each.
 
     A tokenizer whose pad is not its EOS (CLIP-G's pads with '!') gets sd-scripts' fixes: a piece cut inside the
@@ -53,7 +58,8 @@ def chunked_ids(tokenizer: Any, ids: torch.Tensor) -> torch.Tensor:
     return torch.stack(pieces)
 
 
-def tokenize(tokenizer: Any, captions: Sequence[str], opts: TextOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
+def tokenize(tokenizer: PreTrainedTokenizerBase, captions: Sequence[str],
+             opts: TextOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(b, n, 77) ids and, with weighted captions, (b, n, 77) weights (1 at BOS / EOS / padding)."""
     length = (opts.max_token_length or CHUNK_BODY) + 2
     all_ids, all_weights = [], []
@@ -112,7 +118,8 @@ def apply_weights(hidden: torch.Tensor, weights: torch.Tensor | None) -> torch.T
     return hidden
 
 
-def encode_captions(text_encoders: Sequence[Any], tokenizers: Sequence[Any], captions: list[str],
+def encode_captions(text_encoders: Sequence[torch.nn.Module], tokenizers: Sequence[PreTrainedTokenizerBase],
+                    captions: list[str],
                     opts: TextOptions) -> dict[str, torch.Tensor]:
     """The U-Net's text conditioning for `captions`: penultimate-layer states of both encoders (joined over the
     pieces) and CLIP-G's pooled projection of the first piece."""
@@ -131,7 +138,7 @@ def encode_captions(text_encoders: Sequence[Any], tokenizers: Sequence[Any], cap
     return {"encoder_hidden_states": torch.cat(states, dim=-1), "pooled": pooled}
 
 
-def text_options_from(training: Any, family_name: str) -> TextOptions | None:
+def text_options_from(training: TrainingConfig, family_name: str) -> TextOptions | None:
     """The run's caption-encoding options for `family_name`, with one warning for each flag the family does not
     use (sd-scripts' SDXL and FLUX trainers ignore --clip_skip; FLUX's T5 length is --t5xxl_max_token_length)."""
     import logging
