@@ -8,6 +8,10 @@ from library.config.environment_flags import warn_once
 from library.config.flags import flag
 from library.errors import UserError
 
+# sd-scripts' --dynamo_backend choices (accelerate's list); several no longer exist in torch (a warning says so)
+DYNAMO_BACKENDS: tuple[str, ...] = ("eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser",
+                                    "cudagraphs", "ofi", "fx2trt", "onnxrt", "tensort", "ipex", "tvm")
+
 
 @dataclass
 class TrainingConfig:
@@ -74,6 +78,11 @@ class TrainingConfig:
                                      "already (a warning says so)")
     sdpa_cudnn: bool = flag(False, "let training use cuDNN's SDPA kernel (off by default: its backward gave NaN "
                                    "gradients on Hopper GPUs, see library/train/attention.py)")
+    torch_compile: bool = flag(False, "torch.compile the denoiser, block by block (library/train/compile.py); a "
+                                      "backend that cannot compile here gives a warning and eager mode")
+    dynamo_backend: str = flag("inductor", "torch.compile backend for --torch_compile (inductor: fused kernels; "
+                                           "aot_eager: traced graphs with eager kernels, for debugging)",
+                               choices=DYNAMO_BACKENDS)
 
     def __post_init__(self) -> None:
         lo, hi = self.min_timestep, self.max_timestep

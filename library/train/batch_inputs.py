@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from library.train.prefetch import to_device
+
 if TYPE_CHECKING:
     from library.train.session import Session
 
@@ -14,7 +16,8 @@ def batch_text(session: Session, batch: Any, grad: bool) -> dict[str, torch.Tens
     s = session
     if s.text_cache is not None:
         outs = [s.text_cache.get(c) for c in batch.captions]
-        return {k: torch.stack([o[k] for o in outs]).to(s.accelerator.device) for k in outs[0]}
+        pin = torch.cuda.is_available()  # a pinned copy goes to the GPU without blocking the host
+        return {k: to_device(_stacked([o[k] for o in outs], pin), s.accelerator.device) for k in outs[0]}
     with torch.set_grad_enabled(grad), s.accelerator.autocast():
         return s.family.encode_text(s.models, batch.captions)
 
@@ -22,6 +25,11 @@ def batch_text(session: Session, batch: Any, grad: bool) -> dict[str, torch.Tens
 def batch_latents(session: Session, batch: Any, gens: list[torch.Generator]) -> torch.Tensor:
     s = session
     if batch.latents is not None:
-        return batch.latents.to(s.accelerator.device, s.weight_dtype)
+        return to_device(batch.latents, s.accelerator.device, s.weight_dtype)  # pinned by the prefetcher
     with torch.no_grad():
         return s.family.encode_images(s.models, batch.images.to(s.accelerator.device), gens).to(s.weight_dtype)
+
+
+def _stacked(tensors: list[torch.Tensor], pin: bool) -> torch.Tensor:
+    out = torch.stack(tensors)
+    return out.pin_memory() if pin and out.device.type == "cpu" else out

@@ -24,6 +24,8 @@ from library.train.loop_math import all_reduce_mean_, nonfinite_grads, step_gene
 from library.train.loss_step import compute_loss
 from library.train.network_adapter import build_network
 from library.train.optim import set_schedule_free_mode
+from library.train.prefetch import Prefetcher, pin_tensors
+from library.train.readback import NonFiniteGuard, PendingLosses, StepRecord, loss_is_finite
 from library.train.preflight import preflight
 from library.train.rescue import (RescueReport, StopSignal, TrainingTerminated, rescue_folders, save_everything,
                                   tell)
@@ -84,7 +86,9 @@ def build_session(cfg: RunConfig) -> Session:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from library.train.base_weights import merge_base_weights
     from library.train.data_setup import build_datasets, setup_caches
+    from library.train.fused_backward import attach_fused_backward
     from library.train.optim import build_optimizer, build_scheduler
 
     preflight(cfg)  # everything checkable before the models load: images, prompts, output folder, network module
@@ -112,6 +116,7 @@ def build_session(cfg: RunConfig) -> Session:
     weight_dtype = DTYPES[cfg.training.mixed_precision]
 
     models = family.load_models(weight_dtype)
+    merge_base_weights(cfg.network, models.text_encoders, models.denoiser, models.vae)  # before any cast / fp8
     from library.families.sdxl_text import text_options_from
     family.set_text_options(models, text_options_from(cfg.training, cfg.family))  # --max_token_length, ...
     prepare_base_models(cfg, family, models, accelerator.device, weight_dtype)
@@ -127,6 +132,10 @@ def build_session(cfg: RunConfig) -> Session:
     network.module.to(device, net_dtype)
     network.module.train()
     sharded = sharding is not None and shard_base_model(family, models, sharding, accelerator)
+    if cfg.training.torch_compile:  # per block, once the network is attached (library/train/compile.py)
+        from library.train.compile import compile_for_training
+
+        compile_for_training(models.denoiser, cfg.training.dynamo_backend, sharded)
 
     text_cache = setup_caches(cfg, family, models, datasets, accelerator, network.trains_text_encoder)
 
@@ -146,6 +155,7 @@ def build_session(cfg: RunConfig) -> Session:
     for d in datasets:  # token warm-up counts steps against the whole run
         d.set_progress(0, total_steps)
     optimizer = accelerator.prepare(optimizer)
+    attach_fused_backward(optimizer, cfg, accelerator)  # --fused_backward_pass: steps inside the backward pass
     return Session(cfg, family, accelerator, models, network, datasets, optimizer, scheduler, text_cache,
                    weight_dtype, total_steps, batches_per_epoch, sharded)
 
@@ -161,6 +171,17 @@ class Trainer:
         self._stop = StopSignal()
         self._boundary = (0, 0)  # (epoch, batch_in_epoch) after the last optimizer step: where a rescue resumes
         self._final_saved = False
+        # losses stay on the device until read in groups; the NaN guard skips on the device where it can
+        # (library/train/readback.py)
+        self._pending = PendingLosses()
+        self._guard = NonFiniteGuard(session.optimizer, getattr(session.accelerator, "scaler", None) is not None)
+        self._step_flag: torch.Tensor | None = None
+        self._loss_log: Any = None
+        # the next batch loads while this one trains; not under caption token warm-up, whose captions depend on
+        # the step a batch is loaded at (library/train/prefetch.py)
+        self._prefetch: Prefetcher[Any] = Prefetcher(enabled=not any(
+            item.subset.token_warmup_step > 0 for d in session.datasets for item in d.items))
+        self._upcoming: PlannedBatch | None = None
 
     # --- one step -----------------------------------------------------------------------------------------------
     def _loss(self, batch: Any, micro: int, first_position: int) -> torch.Tensor:
@@ -175,9 +196,31 @@ class Trainer:
 
     def _load(self, pb: PlannedBatch, indices: list[int]) -> Any:
         ds = self.s.datasets[pb.dataset_index]
-        ds.set_progress(self.state.global_step, getattr(ds, "max_train_steps", None))
         self._use_multiplier(ds.config.network_multiplier)
-        return ds.load_batch(indices, self.state.epoch)
+        epoch, step = self.state.epoch, self.state.global_step
+        batch = self._prefetch.get((epoch, pb.dataset_index, tuple(indices)),
+                                   lambda: self._read_batch(pb, indices, epoch, step))
+        self._prefetch_upcoming()
+        return batch
+
+    def _read_batch(self, pb: PlannedBatch, indices: list[int], epoch: int, step: int) -> Any:
+        """Load a batch, its tensors pinned for a non-blocking copy to the GPU (safe on the prefetch thread)."""
+        ds = self.s.datasets[pb.dataset_index]
+        ds.set_progress(step, getattr(ds, "max_train_steps", None))
+        return pin_tensors(ds.load_batch(indices, epoch))
+
+    def _prefetch_upcoming(self) -> None:
+        from library.train.data_setup import local_slice
+
+        pb, self._upcoming = self._upcoming, None
+        if pb is None or not self._prefetch.enabled:
+            return
+        acc = self.s.accelerator
+        local = local_slice(pb.item_indices, acc.process_index, acc.num_processes)
+        if local:
+            epoch, step = self.state.epoch, self.state.global_step
+            self._prefetch.ahead((epoch, pb.dataset_index, tuple(local)),
+                                 lambda: self._read_batch(pb, local, epoch, step))
 
     def _use_multiplier(self, multiplier: float) -> None:
         """A dataset's network_multiplier (sd-scripts' dataset key) is the network's strength on its batches. Set
@@ -200,7 +243,7 @@ class Trainer:
         params = [p for g in s.optimizer.param_groups for p in g["params"]]
         if local:
             loss = self._loss(self._load(pb, local), micro, first)
-            if not torch.isfinite(loss.detach()).all():
+            if not self._guard.deferred and not loss_is_finite(loss):
                 # never step on (or save) a NaN: the network would be corrupted silently
                 raise UserError(f"the loss is {loss.item()} at step {self.state.global_step + 1} (epoch "
                                 f"{self.state.epoch + 1}): training stopped before the optimizer step. Lower the "
@@ -213,15 +256,42 @@ class Trainer:
         if acc.sync_gradients:
             if world > 1:
                 all_reduce_mean_(params)
-            self._check_gradients()
+            if self._guard.deferred:  # the optimizer skips the step on the device if the flag is set
+                self._step_flag = self._guard.arm(loss if local else None, params)
+            else:
+                self._check_gradients()
             if s.cfg.optimizer.max_grad_norm:
                 acc.clip_grad_norm_(params, s.cfg.optimizer.max_grad_norm)
         s.optimizer.step()
+        self._guard.disarm()
         s.optimizer.zero_grad(set_to_none=True)
         logged = loss.detach().float() * len(local)
         if world > 1:
             logged = acc.reduce(logged, reduction="sum")
         return logged / total
+
+    def _read_losses(self) -> None:
+        """Read the pending steps' losses (one sync) and log them: progress bar, trackers, --loss_log_file. A step
+        whose non-finite loss or gradient the optimizer skipped on the device stops the run here."""
+        read = self._pending.read()
+        if not read:
+            return
+        acc = self.s.accelerator
+        for record, value, bad in read:
+            if bad:
+                raise UserError(f"the loss or the gradient is not finite at step {record.step} (epoch "
+                                f"{record.epoch + 1}): that optimizer step was skipped, and training stopped. "
+                                "Lower the learning rate, use bf16 instead of fp16, or drop experimental low-VRAM "
+                                "flags; resume from the last --save_state folder")
+            self.losses.append(value)
+            acc.log({"loss/current": value, "lr/unet": record.lr}, step=record.step)
+            if self._loss_log:
+                self._loss_log.write(json.dumps({"step": record.step, "loss": value, "time": record.time}) + "\n")
+        if self._loss_log:
+            self._loss_log.flush()
+        if self._bar is not None:
+            last, value, _ = read[-1]
+            self._bar.set_postfix(loss=f"{value:.4f}", lr=f"{last.lr:.2e}")
 
     def _check_gradients(self) -> None:
         """A finite loss can still back-propagate NaN or inf (an overflow in one layer's backward): one optimizer
@@ -237,12 +307,9 @@ class Trainer:
 
     # --- saving and sampling --------------------------------------------------------------------------------------
     def _metadata(self) -> dict[str, str] | None:
-        from library.train.metadata import modelspec_metadata, training_metadata
+        from library.train.metadata import save_metadata
 
-        s = self.s
-        if s.cfg.save.no_metadata:
-            return modelspec_metadata(s.cfg)  # as sd-scripts: no ss_* keys, but the model card stays
-        return training_metadata(s.cfg, s.datasets, self.state, s.network)
+        return save_metadata(self.s, self.state)  # --no_metadata: sd-scripts' minimum keys + the model card
 
     def save_network(self, file_name: str, folder: str | None = None, barrier: bool = True) -> str:
         """Write the network from the main process. `folder` defaults to --output_dir (a rescue may pick another);
@@ -288,7 +355,11 @@ class Trainer:
                                          sv.save_every_n_epochs)
 
     def _bar_says(self, what: str | None) -> None:
-        """Show on the progress bar what the run is doing between steps (sampling can take minutes)."""
+        """Show on the progress bar what the run is doing between steps (sampling can take minutes). Before it
+        starts, the pending losses are read, so that the trackers get the steps in order."""
+        if what is not None:
+            self._prefetch.wait()  # sampling and validation may read the datasets too
+            self._read_losses()
         if self._bar is not None:
             self._bar.set_description_str(what or "steps", refresh=True)
 
@@ -407,11 +478,18 @@ class Trainer:
                    desc="steps")
         loss_log = open(cfg.log.loss_log_file, "a", encoding="utf-8") if cfg.log.loss_log_file and acc.is_main_process else None
         self._bar = bar
+        self._loss_log = loss_log
         self._stop.install()  # from here on SIGTERM stops at the next step boundary, after saving
         try:
             try:
                 self._epochs(bar, loss_log)
+                self._read_losses()  # before the final save: a pending non-finite step stops the run here
             finally:
+                try:
+                    self._read_losses()  # an error is on its way: write what was pending, keep that error
+                except Exception:  # noqa: BLE001
+                    pass
+                self._prefetch.close()
                 bar.close()
                 self._bar = None
                 if loss_log:
@@ -495,6 +573,7 @@ class Trainer:
             for i in range(self.state.batch_in_epoch, len(plan)):
                 if at_boundary and self._stop.agreed(acc):
                     raise TrainingTerminated("SIGTERM")  # _stopped_early saves and words the message
+                self._upcoming = plan[i + 1] if i + 1 < len(plan) else None  # prefetched once batch i is in
                 with acc.accumulate(s.network.module):
                     loss = self._micro_step(plan[i], i % accum)
                 self.state.batch_in_epoch = i + 1
@@ -504,19 +583,15 @@ class Trainer:
                 s.scheduler.step()
                 self.state.global_step += 1
                 norms = s.network.after_optimizer_step(acc.device)  # --scale_weight_norms
+                self._boundary = (self.state.epoch, self.state.batch_in_epoch)
+                self._pending.add(StepRecord(self.state.global_step, self.state.epoch, loss.detach(),
+                                             s.scheduler.get_last_lr()[0], time.time(), self._step_flag))
+                self._step_flag = None
+                bar.update(1)
+                if norms or self._pending.due():
+                    self._read_losses()
                 if norms:
                     acc.log(norms, step=self.state.global_step)
-                self._boundary = (self.state.epoch, self.state.batch_in_epoch)
-                value = loss.detach().item()
-                self.losses.append(value)
-                lr = s.scheduler.get_last_lr()[0]
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
-                acc.log({"loss/current": value, "lr/unet": lr}, step=self.state.global_step)
-                if loss_log:
-                    loss_log.write(json.dumps({"step": self.state.global_step, "loss": value,
-                                               "time": time.time()}) + "\n")
-                    loss_log.flush()
                 self._after_step()
                 if self.state.global_step >= s.total_steps:
                     return

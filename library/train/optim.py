@@ -187,6 +187,11 @@ def build_optimizer(param_groups: list[dict[str, Any]], cfg: OptimizerConfig) ->
             raise UserError(f"unknown --optimizer_type {name!r}; known: {', '.join(sorted(OPTIMIZERS))}, a "
                             "torch.optim class name or a module.ClassName path")
         factory = _import_class(name, torch.optim, "--optimizer_type")
+    if key == "adamw" and not {"fused", "foreach"} & set(kwargs) and all(
+            p.is_cuda for g in param_groups for p in g["params"]):
+        # one fused kernel per step, and it can skip a non-finite step on the GPU without a host sync
+        # (library/train/readback.py); the CPU keeps torch's default (the stored loss values come from it)
+        kwargs["fused"] = True
     try:
         return factory(param_groups, lr=lr, **kwargs)
     except TypeError as e:
