@@ -211,7 +211,7 @@ def test_negative_scale_changes_the_image_and_prompt_options_override_it(tmp_pat
     assert max_diff(no_neg, plain) <= 1
 
 
-def test_controlled_generation_refuses_size_changing_options(tiny_sdxl_file, tmp_path):
+def test_controlled_or_regional_generation_refuses_size_changing_options(tiny_sdxl_file, tmp_path):
     from library.sample.generation import LLLiteSpec
     from library.sample.sdxl_generate import check_config
 
@@ -219,6 +219,10 @@ def test_controlled_generation_refuses_size_changing_options(tiny_sdxl_file, tmp
                               lllite=[LLLiteSpec(tiny_sdxl_file)], width=64, height=64)
     with pytest.raises(UserError, match="Deep Shrink .* cannot be combined with --control_net_lllite_models"):
         check_config(config)
+    regional = GenerationConfig(model=tiny_sdxl_file, outdir=str(tmp_path), prompts=[parse_prompt_line("a --glt 800")],
+                                mask_path=str(tmp_path), width=64, height=64)
+    with pytest.raises(UserError, match="gradual latent .* cannot be combined with --mask_path"):
+        check_config(regional)
 
 
 # ----------------------------------------------------------------------------------------------------- the script

@@ -22,8 +22,8 @@ logger = logging.getLogger(__name__)
 
 
 def check_unet_options(config: Any) -> None:
-    """Before loading: Deep Shrink and gradual latent change the U-Net's working size, which ControlNets and
-    ControlNet-LLLite (conditioning at the full size) cannot follow; gradual latent on another sampler than
+    """Before loading: Deep Shrink and gradual latent change the U-Net's working size, which ControlNets,
+    ControlNet-LLLite and regional masks (laid out at the full size) cannot follow; gradual latent on another sampler than
     Euler a is ignored with a warning, as sd-scripts does."""
     shrink = any(deep_shrink.resolve(config.deep_shrink, p) is not None for p in config.prompts)
     gradual = any(gradual_latent.resolve(config.gradual_latent, p) is not None for p in config.prompts)
@@ -32,6 +32,9 @@ def check_unet_options(config: Any) -> None:
         if used and (config.lllite or config.controlnets):
             raise UserError(f"{name} cannot be combined with --control_net_lllite_models / --control_net_models: "
                             "their guidance is computed at the full latent size; drop one of them")
+        if used and getattr(config, "mask_path", None):
+            raise UserError(f"{name} cannot be combined with --mask_path: the regions are laid out for the full "
+                            "latent size; drop one of them")
     if gradual and config.sampler and canonical_sampler_name(config.sampler) not in gradual_latent.SUPPORTED_SAMPLERS:
         logger.warning("gradual latent works with --sampler euler_a (k_euler_a) only, as in sd-scripts; it is "
                        "ignored with --sampler %s", config.sampler)
