@@ -107,3 +107,23 @@ def test_dim_from_weights_takes_the_rank_of_network_weights(tmp_path, tiny, tiny
     r = run_script("sdxl_train_network.py", "--config_file", cfg, "--dim_from_weights")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "--dim_from_weights takes the rank from --network_weights" in r.stderr
+
+
+def test_flux_base_weights_merge_into_the_fused_layers(tmp_path):
+    """FLUX files publish fused qkv modules: each of our separate projections takes its rows of the update."""
+    from library.models.tiny_flux import build_tiny_flux
+    from networks.lora_flux import create_network
+
+    tiny = build_tiny_flux(0)
+    net = create_network(1.0, 2, 2.0, tiny.ae, [tiny.clip_l, tiny.t5], tiny.transformer)
+    file = save_random_lora(net, tmp_path / "flux.safetensors", seed=6, scale=0.5)
+    tr = copy.deepcopy(tiny.transformer)
+    ncfg = SimpleNamespace(network_module="networks.lora_flux", base_weights=[file], base_weights_multiplier=[0.5])
+    assert merge_base_weights(ncfg, [copy.deepcopy(tiny.clip_l), copy.deepcopy(tiny.t5)], tr) > 0
+    delta = _delta(file, "lora_unet_double_blocks_0_img_attn_qkv")
+    q, k = tiny.transformer.transformer_blocks[0].attn.to_q, tiny.transformer.transformer_blocks[0].attn.to_k
+    rows = q.weight.shape[0]
+    torch.testing.assert_close(tr.transformer_blocks[0].attn.to_q.weight.detach(),
+                               q.weight.detach() + 0.5 * delta[:rows], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tr.transformer_blocks[0].attn.to_k.weight.detach(),
+                               k.weight.detach() + 0.5 * delta[rows:2 * rows], rtol=1e-5, atol=1e-6)

@@ -130,6 +130,7 @@ def test_script_with_fused_backward_pass_saves_the_same_network(tmp_path, tiny_s
                        output_dir=str(tmp_path / name), **common)
         r = run_script("sdxl_train_network.py", "--config_file", cfg, *extra)
         assert r.returncode == 0, r.stderr[-3000:]
+        assert ("parameters step during the backward pass" in r.stdout) == (name == "fused")
         saved[name] = load_file(str(tmp_path / name / "lora.safetensors"))
     assert saved["plain"].keys() == saved["fused"].keys()
     assert any(float(v.abs().max()) > 0 for k, v in saved["fused"].items() if k.endswith("lora_up.weight"))
@@ -140,3 +141,20 @@ def test_script_with_fused_backward_pass_saves_the_same_network(tmp_path, tiny_s
                    "--gradient_accumulation_steps", "2")
     assert r.returncode == 1 and "Traceback" not in r.stderr and "--gradient_accumulation_steps 1" in r.stderr
 
+
+
+def test_a_fused_torch_optimizer_skips_the_parameter_with_a_non_finite_gradient():
+    """torch's fused AdamW (the CUDA default here) reads `found_inf`: the bad parameter keeps its weights, the
+    others step, and the run stops at the end of that backward."""
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    hooks = FusedBackward(opt, 0.0, device_skip=True).attach()
+    before = [p.detach().clone() for p in model.parameters()]
+    model[0].weight.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(UserError, match="non-finite gradient skipped their step"):
+        _loss(model, 0).backward()
+    after = list(model.parameters())
+    assert torch.equal(after[0], before[0])  # skipped on the device
+    assert all(not torch.equal(a, b) for a, b in zip(after[1:], before[1:]))  # the others stepped
+    assert not hasattr(opt, "found_inf")
+    hooks.remove()

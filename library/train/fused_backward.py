@@ -13,11 +13,13 @@ clip / `optimizer.step()` / `zero_grad()` after the backward then find no gradie
 Where the per-parameter step cannot be exact, the run trains with the usual step after the backward and says so
 once: fp16 loss scaling (the scaler must see every gradient before any step) and several processes (gradients are
 averaged across processes after the backward). A non-finite gradient is detected without a device sync per
-parameter: a flag on the device collects it and is read once at the end of the backward.
+parameter: a flag on the device collects it and is read once at the end of the backward, which then stops the run.
+Optimizers that skip a step on the device from a `found_inf` tensor (torch's fused AdamW, the default on CUDA; see
+library/train/readback.py) get each parameter's flag, so a non-finite gradient never reaches its weights; with the
+others the parameters step before the flag is read.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +29,6 @@ from library.config.environment_flags import warn_once
 from library.config.train_config import RunConfig
 from library.errors import UserError
 from library.train.optim import optimizer_name
-
-logger = logging.getLogger(__name__)
 
 # --optimizer_type names (lower-case) whose step updates each parameter from its own gradient and state only
 PER_PARAMETER_OPTIMIZERS: frozenset[str] = frozenset({
@@ -61,6 +61,7 @@ class FusedBackward:
     max_grad_norm: float
     handles: list[Any] = field(default_factory=list)
     nonfinite: torch.Tensor | None = None  # device flag, set by any non-finite gradient of the current backward
+    device_skip: bool = False  # the optimizer reads `found_inf` (torch's fused Adam/AdamW/SGD)
     _callback_queued: bool = False
 
     def attach(self) -> FusedBackward:
@@ -77,26 +78,35 @@ class FusedBackward:
 
     def _hook(self, group: dict[str, Any]):
         def hook(param: torch.Tensor) -> None:
-            self._watch(param.grad)
+            bad = self._watch(param.grad)
             if self.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_([param], self.max_grad_norm)
-            step_one(self.optimizer, group, param)
+            if self.device_skip:  # torch's fused step skips this parameter on the device when the flag is set
+                self.optimizer.found_inf = bad.float()
+            try:
+                step_one(self.optimizer, group, param)
+            finally:
+                if self.device_skip:
+                    del self.optimizer.found_inf
             param.grad = None
         return hook
 
-    def _watch(self, grad: torch.Tensor) -> None:
+    def _watch(self, grad: torch.Tensor) -> torch.Tensor:
         bad = ~torch.isfinite(grad).all()
         self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
         if not self._callback_queued:
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+        return bad
 
     def _after_backward(self) -> None:
         flag, self.nonfinite, self._callback_queued = self.nonfinite, None, False
-        if flag is not None and bool(flag):
-            raise UserError("the gradient is not finite: with --fused_backward_pass the parameters have already "
-                            "stepped on it, so the network is damaged from this step on. Lower the learning rate, use "
-                            "bf16 instead of fp16, and resume from the last --save_state folder")
+        if flag is not None and bool(flag):  # the one read-back per backward
+            what = ("the parameters with a non-finite gradient skipped their step (on the device), the others "
+                    "stepped" if self.device_skip else
+                    "the parameters have already stepped on it, so the network is damaged from this step on")
+            raise UserError(f"the gradient is not finite: with --fused_backward_pass {what}. Lower the learning rate, "
+                            "use bf16 instead of fp16, and resume from the last --save_state folder")
 
 
 def step_one(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: torch.Tensor) -> None:
@@ -128,9 +138,12 @@ def attach_fused_backward(optimizer: Any, cfg: RunConfig, accelerator: Any) -> F
         warn_once(["--fused_backward_pass: with several processes the gradients are averaged across them after the "
                    "backward pass, so the optimizer steps after it as usual"])
         return None
+    from library.train.readback import supports_device_skip
+
     inner = getattr(optimizer, "optimizer", optimizer)
-    fused = FusedBackward(inner, float(cfg.optimizer.max_grad_norm or 0.0)).attach()
-    logger.info("--fused_backward_pass: %d parameters step during the backward pass", len(fused.handles))
+    fused = FusedBackward(inner, float(cfg.optimizer.max_grad_norm or 0.0),
+                          device_skip=supports_device_skip(inner)).attach()
+    print(f"--fused_backward_pass: {len(fused.handles)} parameters step during the backward pass")
     return fused
 
 
