@@ -354,7 +354,10 @@ def test_run_epoch_retention_initial_step_and_schedule_free(tmp_path, tiny_sdxl_
     assert names == ["lora-000002.safetensors", "lora.safetensors"], names  # epoch 1 removed when 2 was saved
     with safe_open(str(tmp_path / "out" / "lora.safetensors"), "pt") as f:
         md = f.metadata()
-    assert not any(k.startswith("ss_") for k in md) and md["modelspec.title"] == "lora"  # --no_metadata
+    # --no_metadata: sd-scripts' minimum keys only (what a loader needs), and the model card
+    assert {k for k in md if k.startswith("ss_")} == {"ss_v2", "ss_base_model_version", "ss_network_module",
+                                                      "ss_network_dim", "ss_network_alpha"}
+    assert md["modelspec.title"] == "lora"
 
     cfg = run_toml(tmp_path, tiny_sdxl_file, shapes_dataset["config"], name="skip", max_train_steps=4,
                    initial_step=2, skip_until_initial_step=True, output_dir=str(tmp_path / "out2"))
