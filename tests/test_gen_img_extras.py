@@ -19,7 +19,7 @@ from library.prompts.png_metadata import read_png_info
 from library.prompts.samplers import SD_SCRIPTS_SAMPLER_CHOICES, canonical_sampler_name
 from library.sample.regional_mask import latent_resolutions, region_of
 from library.sample.textual_inversion import Embedding, TokenExpander, read_embedding
-from test_sdxl_gen_img import lora_file, max_diff, pixels  # noqa: F401 (fixture)
+from test_sdxl_gen_img import guides, lora_file, max_diff, pixels  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -177,10 +177,26 @@ def test_cli_regional_mask_keeps_the_lora_to_its_colour(tmp_path, tiny_sdxl_file
     assert max_diff(images["left"], images["none"]) > 10 and max_diff(images["all"], images["left"]) > 10
 
 
-def test_cli_mask_without_networks_is_refused_before_loading(tmp_path, tiny_sdxl_file):
+def test_cli_mask_without_networks_needs_an_init_image(tmp_path, tiny_sdxl_file):
     r = gen(tiny_sdxl_file, tmp_path / "o", "--prompt", "a", "--mask_path", half_mask(tmp_path / "m.png"))
-    assert r.returncode != 0 and "--mask_path without --network_weights" in r.stderr
+    assert r.returncode != 0 and "--mask_path without --network_weights is an inpainting mask" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_cli_inpainting_mask_keeps_the_black_area(tmp_path, tiny_sdxl_file, guides):
+    """sd-scripts' --mask_path for img2img: black is kept from the init image, white is redrawn."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cube --d 4\na green forest at night --d 4\n")
+    black = tmp_path / "black.png"
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(black)
+    images = {}
+    for name, mask in (("keep", str(black)), ("redraw_left", half_mask(tmp_path / "left.png", (255, 255, 255)))):
+        r = gen(tiny_sdxl_file, tmp_path / name, "--from_file", str(prompts), "--image_path", guides[0],
+                "--strength", "1.0", "--mask_path", mask, "--sequential_file_name")
+        assert r.returncode == 0, r.stderr[-3000:]
+        images[name] = pixels(pngs(tmp_path / name))
+    assert max_diff(*images["keep"]) == 0  # nothing to redraw: the prompt cannot change the image
+    assert max_diff(*images["redraw_left"]) > 10
 
 
 # ----------------------------------------------------------------------------------------------------- TI, VAE

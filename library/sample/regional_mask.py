@@ -160,9 +160,11 @@ def check_regional(config: Any) -> None:
     from library.sample.generation import list_images
 
     list_images(config.mask_path, "--mask_path")
-    if not config.networks:
-        raise UserError("--mask_path without --network_weights is sd-scripts' inpainting mask, which is not supported "
-                        "here; give networks to use it as their regions (regional LoRA), or drop --mask_path")
+    if not config.networks:  # sd-scripts' inpainting mask (library/sample/inpaint.py)
+        if not config.image_path:
+            raise UserError("--mask_path without --network_weights is an inpainting mask for img2img: give "
+                            "--image_path too (or networks, to use the mask as their regions)")
+        return
     if config.network_merge or config.network_merge_n_models:
         raise UserError("--mask_path (regional networks) cannot confine merged networks: drop --network_merge / "
                         "--network_merge_n_models")

@@ -22,6 +22,7 @@ from library.sample.highres_fix import HighresFix, upscale_latents
 from library.sample.long_prompt import encode_sdxl_prompts
 from library.sample.negative_scale import empty_prompt_embeds
 from library.sample.unet_options import check_unet_options, unet_options
+from library.sample.inpaint import InpaintMasks, inpaint_pipeline
 from library.sample.regional_mask import attach_regions, check_regional
 from library.sample.textual_inversion import TokenExpander, load_textual_inversion
 from library.sample.generation import (
@@ -89,6 +90,9 @@ class SDXLGenerator:
         self.networks = AttachedNetworks(models.vae, [models.text_encoder1, models.text_encoder2], models.unet, config,
                                          device, self.dtype)
         self.regions = None
+        # --mask_path: the networks' regions, or without networks sd-scripts' inpainting mask for --image_path
+        self.inpaint_masks = InpaintMasks(config.mask_path) if config.mask_path and not config.networks else None
+        self._inpaint = None
         if config.mask_path and self.networks.networks:
             self.regions = attach_regions(self.networks.networks, config.mask_path,
                                           config.network_regional_mask_max_color_codes,
@@ -178,13 +182,20 @@ class SDXLGenerator:
         )
         if first.weighted or first.negative_scale is not None:  # --negative_scale: sd-scripts' encoding throughout
             kwargs.update(self._embeds(batch))
+        masks = None
         if init is None and first.init_image is not None:
             init = [load_rgb(r.init_image, size) for r in batch]
-        pipes = [self.pipe, self.controlnet_pipe, self.img2img if init is not None else self._img2img]
+            if self.inpaint_masks is not None:
+                masks = self.inpaint_masks.for_batch([r.index for r in batch], size)
+                kwargs.update(mask_image=masks, width=first.width, height=first.height)
+        if masks is not None and self._inpaint is None:
+            self._inpaint = inpaint_pipeline(self.pipe)
+        img2img = self._inpaint if masks is not None else (self.img2img if init is not None else self._img2img)
+        pipes = [self.pipe, self.controlnet_pipe, img2img]
         with unet_options(first, self.pipe.unet, pipes, self.sampler, lambda: self._empty_embeds(batch)):
             if init is not None:
-                self.progress.show_steps(self.img2img)
-                latents = self.img2img(image=init, strength=first.strength, **kwargs).images
+                self.progress.show_steps(img2img)
+                latents = img2img(image=init, strength=first.strength, **kwargs).images
             else:
                 noise = initial_noise(generators, self.pipe.unet.config.in_channels, first.height, first.width)
                 pipe = self.pipe
