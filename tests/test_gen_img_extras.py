@@ -284,3 +284,33 @@ def test_cli_interactive_reads_prompts_from_stdin(tmp_path, tiny_sdxl_file):
     assert r.stderr.count("Type prompt:") == 5  # asked before each line and once more at the end of input
     r = gen(tiny_sdxl_file, out, "--interactive", "--prompt", "a", stdin="")
     assert r.returncode != 0 and "--interactive reads the prompts from stdin" in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------------- FLUX
+
+
+def test_flux_sdxl_only_prompt_options_warn_once_each():
+    from library.config.environment_flags import _SAID
+    from library.prompts.language import parse_prompt_line
+    from library.sample.flux_prompt_options import warn_ignored_flux_options
+
+    _SAID.clear()
+    specs = [parse_prompt_line("a --n b --ow 128 --d 3"), parse_prompt_line("c --n d --ct 8")]
+    assert warn_ignored_flux_options(specs) == ["--n", "--ow", "--ct"]
+    assert warn_ignored_flux_options([parse_prompt_line("a --w 64 --h 64 --s 2 --l 3 --f x.png")]) == []
+
+
+def test_flux_interactive_reads_prompts_and_ignores_sdxl_options_with_a_warning(tmp_path, tiny_flux_single):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    r = subprocess.run(
+        [sys.executable, str(REPO / "flux_gen_img.py"), "--pretrained_model_name_or_path", tiny_flux_single,
+         "--outdir", str(out), "--W", "64", "--H", "64", "--steps", "2", "--device", "cpu",
+         "--t5xxl_max_token_length", "16", "--interactive"],
+        input="a circle --d 1 --n blurry --ow 128\na square --d 2 --n dark\n", env=env, cwd=str(REPO),
+        capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    infos = sorted((read_png_info(f) for f in out.glob("*.png")), key=lambda i: i.seed)
+    assert [(i.prompt, i.seed) for i in infos] == [("a circle", 1), ("a square", 2)]
+    assert r.stderr.count("--n (first on the prompt) is ignored by flux_gen_img.py") == 1
+    assert r.stderr.count("--ow (first on the prompt) is ignored") == 1

@@ -32,6 +32,7 @@ from library.families.flux_placement import apply_low_vram, check_low_vram_flags
 from library.prompts.language import PromptSpec
 from library.sample import gen_args
 from library.sample.controlnets import build_flux_pipeline, flux_call_kwargs, load_controlnets
+from library.sample.flux_prompt_options import warn_ignored_flux_options
 from library.sample.generation import (
     DTYPES, SEED_RANGE, AttachedNetworks, GenerationConfig, ImageProgress, ImageRequest, NetworkSpec, check_common,
     controlnet_images, initial_noise, list_images, load_rgb, load_wildcards, make_batches, move_model, plan_requests,
@@ -100,7 +101,7 @@ def add_flux_image_args(p: argparse.ArgumentParser) -> None:
 def build_flux_parser(description: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     for add in (add_flux_model_args, gen_args.add_prompt_args, add_flux_image_args, gen_args.add_batch_args,
-                gen_args.add_network_args, gen_args.add_controlnet_args):
+                gen_args.add_network_args, gen_args.add_controlnet_args, gen_args.add_interactive_args):
         add(p)
     return p
 
@@ -126,6 +127,7 @@ def flux_config_from_args(args: argparse.Namespace) -> FluxGenerationConfig:
                   for i, (m, w, x) in enumerate(zip(modules, weights, muls))],
         network_merge=args.network_merge, network_merge_n_models=args.network_merge_n_models,
         network_show_meta=args.network_show_meta, controlnets=controlnets, tokenizer_cache_dir=args.tokenizer_cache_dir,
+        interactive=args.interactive,
     )
     if args.negative_prompt:
         logger.warning("--negative_prompt: FLUX.1 uses no negative prompt; it is ignored")
@@ -172,16 +174,18 @@ def kontext_prompts(prompts: Sequence[PromptSpec], options: FluxOptions) -> list
     return out
 
 
-def plan_flux_requests(config: FluxGenerationConfig, base_seed: int) -> list[ImageRequest]:
+def plan_flux_requests(config: FluxGenerationConfig, base_seed: int, start: int = 0) -> list[ImageRequest]:
+    """Every image's request (indices from `start`: --interactive plans one line at a time)."""
     common = config.common
     check_common(common)
     reject_unet_prompt_options(common, "FLUX")
+    warn_ignored_flux_options(common.prompts)
     check_low_vram_flags(config.flux.blocks_to_swap, "generate")
     if config.flux.control_image and common.controlnets:
         raise UserError("--control_image (Kontext) and --control_net_models cannot be combined")
     prompts = common.prompts if common.controlnets else kontext_prompts(common.prompts, config.flux)
     planned = dataclasses.replace(common, prompts=prompts)
-    requests = plan_requests(planned, load_wildcards(planned), base_seed)
+    requests = plan_requests(planned, load_wildcards(planned), base_seed, start)
     for r in requests:
         if r.width % FLUX_FACTOR or r.height % FLUX_FACTOR:
             raise UserError(f"image {r.index} ('{r.prompt[:40]}'): size {r.width}x{r.height} must be a multiple of "
@@ -301,12 +305,20 @@ def run_flux_generation(config: FluxGenerationConfig) -> list[Path]:
 
     common = config.common
     base_seed = common.seed if common.seed is not None else random.SystemRandom().randrange(SEED_RANGE)
+    if common.interactive and common.prompts:
+        raise UserError("--interactive reads the prompts from stdin: drop --prompt / --from_file")
     requests = plan_flux_requests(config, base_seed)
     logger.info("%d image(s) planned, run seed %d", len(requests), base_seed)
     device = resolve_device(common.device)
     models = load_flux_files(common.model, ae=config.flux.ae, clip_l=config.flux.clip_l, t5xxl=config.flux.t5xxl,
                              dtype=torch.float32, tokenizer_cache_dir=common.tokenizer_cache_dir)
-    return FluxGenerator(models, config, device).generate(requests)
+    generator = FluxGenerator(models, config, device)
+    if common.interactive:
+        from library.sample.interactive import run_interactive
+
+        return run_interactive(common, lambda line, start: plan_flux_requests(
+            dataclasses.replace(config, common=line), base_seed, start), generator.generate)
+    return generator.generate(requests)
 
 
 __all__ = ["FluxGenerationConfig", "FluxGenerator", "FluxOptions", "build_flux_parser", "flux_config_from_args",

@@ -17,6 +17,9 @@ from library.errors import UserError
 from library.prompts.language import PromptSpec, PromptSyntaxError, parse_prompt_line
 from library.sample.generation import GenerationConfig, ImageRequest, load_wildcards, plan_requests
 
+# (config holding one prompt line, index of its first image) -> the line's requests; a family's planner
+Planner = Callable[[GenerationConfig, int], list[ImageRequest]]
+
 logger = logging.getLogger(__name__)
 
 ASK = "Type prompt:"
@@ -40,8 +43,12 @@ def read_prompt_lines(stream: TextIO) -> Iterator[PromptSpec]:
             logger.error("%s; type the line again", exc.with_location(f"stdin line {number}"))
 
 
-def run_interactive(config: GenerationConfig, base_seed: int,
-                    generate: Callable[[Sequence[ImageRequest]], list[Path]],
+def sdxl_planner(base_seed: int) -> Planner:
+    """The shared planning (library.sample.generation), as SDXL uses it."""
+    return lambda config, start: plan_requests(config, load_wildcards(config), base_seed, start)
+
+
+def run_interactive(config: GenerationConfig, plan: Planner, generate: Callable[[Sequence[ImageRequest]], list[Path]],
                     stream: TextIO | None = None) -> list[Path]:
     """Plan and generate each line read from `stream` (stdin by default); returns every PNG written."""
     paths: list[Path] = []
@@ -49,7 +56,7 @@ def run_interactive(config: GenerationConfig, base_seed: int,
     for spec in read_prompt_lines(stream or sys.stdin):
         line_config = replace(config, prompts=[spec], n_iter=1)  # sd-scripts: one pass per typed line
         try:
-            requests = plan_requests(line_config, load_wildcards(line_config), base_seed, start)
+            requests = plan(line_config, start)
         except UserError as exc:
             logger.error("%s; type the line again", exc)
             continue
@@ -60,4 +67,4 @@ def run_interactive(config: GenerationConfig, base_seed: int,
     return paths
 
 
-__all__ = ["ASK", "read_prompt_lines", "run_interactive"]
+__all__ = ["ASK", "Planner", "read_prompt_lines", "run_interactive", "sdxl_planner"]

@@ -266,9 +266,9 @@ def run_generation(config: GenerationConfig) -> list[Path]:
         logger.info("VAE from %s", config.vae)
     generator = SDXLGenerator(models, config, device)
     if config.interactive:
-        from library.sample.interactive import run_interactive
+        from library.sample.interactive import run_interactive, sdxl_planner
 
-        return run_interactive(config, base_seed, generator.generate)
+        return run_interactive(config, sdxl_planner(base_seed), generator.generate)
     return generator.generate(requests)
 
 
