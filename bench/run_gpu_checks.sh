@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# GPU checks, run on a lent GPU machine (see docs/benchmarks.md): the LoRA-step benchmark at 1024 px bf16 and
-# CUDA training smoke runs of the LoRA and LLLite trainers on the tiny model. Wheels the GPU image lacks (diffusers,
-# toml, pillow-heif) travel in .whl/. Results go to $OUT (default ./gpu_out).
+# GPU checks, run on a lent GPU machine (see docs/benchmarks.md): the LoRA-step benchmark at 1024 px bf16, the step
+# time / MFU benchmark (bench/bench_step_mfu.py; about 8 minutes on an H200) and CUDA training smoke runs of the LoRA
+# and LLLite trainers on the tiny model. Wheels the GPU image lacks (diffusers, toml, pillow-heif) travel in .whl/.
+# Results go to $OUT (default ./gpu_out).
 set -euo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -17,6 +18,15 @@ for gc in "" "--gradient_checkpointing"; do
   python3 bench/bench_lora_step.py --model sdxl-arch --resolution 1024 --batch_size 1 --rank 16 --steps 10 \
     --warmup 3 --dtype bf16 --device cuda $gc --json "$OUT/bench_bf16${gc:+_gc}.json" | tail -n 12
 done
+# issue #18: step time, images/s, peak memory and MFU per configuration, ours against diffusers + PEFT. SDXL at full
+# size; FLUX.1's full 19 + 38 blocks need more than one H100's memory at batch 8 without checkpointing, so its run
+# is capped by a timeout (a configuration that runs out of memory is reported as not run, the others still are).
+python3 bench/bench_step_mfu.py --device cuda --families sdxl --batch_sizes 1,4,8 --gc off,on --steps 6 --warmup 3 \
+  --variant_timeout 240 --json "$OUT/step_mfu_sdxl.json" | tail -n 16 || true
+python3 bench/bench_step_mfu.py --device cuda --families flux --batch_sizes 1,4 --gc on --steps 4 --warmup 2 \
+  --variant_timeout 300 --json "$OUT/step_mfu_flux.json" | tail -n 8 || true
+python3 bench/bench_step_mfu.py --device cuda --families sdxl --batch_sizes 4 --gc off --variants ours \
+  --torch_compile --variant_timeout 400 --json "$OUT/step_mfu_sdxl_compile.json" | tail -n 4 || true
 T=/tmp/gpu_smoke
 python3 tools/make_tiny_model.py --family sdxl --output $T/m.safetensors
 python3 - <<PY

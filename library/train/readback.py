@@ -98,7 +98,8 @@ class NonFiniteGuard:
         return flag
 
     def disarm(self) -> None:
-        if hasattr(self._inner, "found_inf"):
+        """After the step (only what `arm` set: the fp16 grad scaler sets and removes its own `found_inf`)."""
+        if self.deferred and hasattr(self._inner, "found_inf"):
             del self._inner.found_inf
 
 
