@@ -128,3 +128,17 @@ def test_fp8_without_mixed_precision_is_sd_scripts_error(tmp_path, tiny_sdxl_fil
         r = run_script(script, "--config_file", cfg, flag)
         assert r.returncode == 1 and "Traceback" not in r.stderr
         assert f"{flag} requires --mixed_precision fp16 or bf16" in r.stderr
+
+
+def test_fp8_is_refused_with_fsdp_sharding_for_sdxl_too():
+    from types import SimpleNamespace
+
+    from library.config.model_flags import ModelConfig
+    from library.errors import UserError
+    from library.train.scale_out import ShardingOptions, check_sharding_compatible
+
+    cfg = SimpleNamespace(model=ModelConfig(fp8_base_unet=True), validation=SimpleNamespace(evaluates=False))
+    with pytest.raises(UserError, match="cannot be combined with --fp8_base"):
+        check_sharding_compatible(ShardingOptions(), cfg)
+    check_sharding_compatible(ShardingOptions(), SimpleNamespace(model=ModelConfig(),
+                                                                 validation=SimpleNamespace(evaluates=False)))

@@ -114,7 +114,8 @@ def check_sharding_compatible(options: ShardingOptions | None, cfg) -> None:
     if options is None:
         return
     flux = getattr(cfg.model, "flux", None)
-    if flux is not None and (flux.fp8_base or flux.blocks_to_swap):
+    fp8 = getattr(cfg.model, "fp8_base", False) or getattr(cfg.model, "fp8_base_unet", False)  # any family
+    if fp8 or (flux is not None and (flux.fp8_base or flux.blocks_to_swap)):
         raise UserError("FSDP sharding cannot be combined with --fp8_base or --blocks_to_swap: sharding already "
                         "keeps only 1/N of the base model on each GPU; drop those flags")
     if cfg.validation.evaluates:
