@@ -83,8 +83,17 @@ def _coerce_scalar(action: argparse.Action, value: Any, file: str, section: str,
         except (TypeError, ValueError):
             raise ConfigError(f"expected {tname}, got {value!r}", file=file, table=section, key=key) from None
     if action.choices is not None and value not in action.choices:
+        if value in CONFIG_FILE_EXTRA_CHOICES.get(action.dest, ()):
+            return value
         raise ConfigError(f"expected one of {list(action.choices)}, got {value!r}", file=file, table=section, key=key)
     return value
+
+
+# Values outside a flag's command-line choices that front ends write into run TOMLs and sd-scripts accepts there (it
+# does not check choices of config-file values): the kohya_ss GUI writes accelerate's `dynamo_backend = "no"` (no
+# compilation; only read with --torch_compile, where it gives a warning and eager mode) and `max_token_length = 75`
+# (sd-scripts' default length: one 75-token chunk, as unset).
+CONFIG_FILE_EXTRA_CHOICES: dict[str, tuple[Any, ...]] = {"dynamo_backend": ("no", "NO"), "max_token_length": (75,)}
 
 
 def unknown_keys_message(unknown: dict[str, str], known: Sequence[str], file: str) -> str:
