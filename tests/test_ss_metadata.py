@@ -79,7 +79,7 @@ def check_common(md: dict[str, str], model: str) -> None:
     assert float(md["ss_learning_rate"]) == 1e-3 and md["ss_unet_lr"] == "None" and md["ss_clip_skip"] == "None"
     assert int(md["ss_session_id"]) >= 0 and float(md["ss_training_finished_at"]) >= float(
         md["ss_training_started_at"])
-    assert md["ss_loss_type"] == "l2" and md["ss_optimizer"] == "AdamW"
+    assert md["ss_loss_type"] == "l2" and md["ss_optimizer"] == "torch.optim.adamw.AdamW"  # sd-scripts' module.Class
     assert md["ss_sd_scripts_commit_hash"].startswith("difftune/")
     assert md["ss_sd_model_name"] == Path(model).name
     data = Path(model).read_bytes()

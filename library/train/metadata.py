@@ -310,6 +310,18 @@ def model_name_metadata(prefix: str, name: str | None) -> dict[str, str]:
     return out
 
 
+def _optimizer_label(cfg: RunConfig, session: Any) -> str:
+    """sd-scripts' `module.Class(key=value,...)` of the optimizer built (the flag's name when none is at hand)."""
+    o = cfg.optimizer
+    optimizer = getattr(session, "optimizer", None)
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+    if inner is not None:
+        name = f"{type(inner).__module__}.{type(inner).__name__}"
+    else:
+        name = optimizer_name(o)
+    return name + (f"({','.join(o.optimizer_args)})" if o.optimizer_args else "")
+
+
 def _implementation_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -325,7 +337,7 @@ def _implementation_version() -> str:
 def training_metadata(cfg: RunConfig, datasets: list[Any], state: Any, network: Any,
                       session: Any = None) -> dict[str, str]:
     """Every `ss_*` key sd-scripts writes for this kind of run (plus the modelspec.* keys), as strings."""
-    o, t = cfg.optimizer, cfg.training
+    t = cfg.training
     num_processes = getattr(getattr(session, "accelerator", None), "num_processes", 1)
     batches = getattr(session, "batches_per_epoch", None) or sum(len(d.epoch_batches(0)) for d in datasets)
     max_steps = getattr(session, "total_steps", None) or t.max_train_steps
@@ -345,7 +357,7 @@ def training_metadata(cfg: RunConfig, datasets: list[Any], state: Any, network: 
         "ss_network_module": _network_module(cfg),
         "ss_base_model_version": BASE_MODEL_VERSIONS.get(cfg.family, cfg.family),
         "ss_sd_scripts_commit_hash": _implementation_version(),
-        "ss_optimizer": optimizer_name(o) + (f"({','.join(o.optimizer_args)})" if o.optimizer_args else ""),
+        "ss_optimizer": _optimizer_label(cfg, session),
     }
     md.update({k: _arg(cfg, flag, default) for k, flag, default in _FLAG_KEYS})
     md.update({k: bool(_arg(cfg, flag, False)) for k, flag in _BOOL_FLAG_KEYS})
