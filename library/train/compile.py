@@ -53,9 +53,10 @@ def blocks_to_compile(model: nn.Module, class_names: tuple[str, ...] = COMPILED_
     return found
 
 
-def backend_problem(backend: str) -> str | None:
-    """Why `backend` cannot compile here (None: it can). The backend is run once on a tiny function, because
-    torch.compile fails lazily, at the first call: a missing compiler would otherwise stop the first training step."""
+def backend_problem(backend: str, device: torch.device | str = "cpu") -> str | None:
+    """Why `backend` cannot compile here (None: it can). The backend is run once on a tiny function on `device`
+    (the model's: inductor needs a C++ compiler on the CPU, Triton on a GPU), because torch.compile fails lazily, at
+    the first call: a missing compiler would otherwise stop the first training step."""
     import torch._dynamo as dynamo
 
     known = set(dynamo.list_backends(exclude_tags=()))
@@ -64,7 +65,7 @@ def backend_problem(backend: str) -> str | None:
                 f"{', '.join(sorted(known))})")
     try:
         probe = torch.compile(_probe_function, backend=backend, fullgraph=True)
-        x = torch.ones(4, requires_grad=True)
+        x = torch.ones(4, device=device, requires_grad=True)
         probe(x).sum().backward()
         if x.grad is None or not torch.allclose(x.grad, torch.full_like(x, 2.0)):
             return f"the {backend} backend computed a wrong gradient on a probe"
@@ -101,7 +102,8 @@ def uncompile_blocks(blocks: list[nn.Module]) -> None:
 
 def compile_denoiser_blocks(denoiser: nn.Module, backend: str = "inductor") -> CompileResult:
     """`--torch_compile`: compile `denoiser`'s blocks with `backend`, or warn once and leave it eager."""
-    problem = backend_problem(backend)
+    device = next((p.device for p in denoiser.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    problem = backend_problem(backend, device)
     if problem is not None:
         warn_once([f"--torch_compile: {problem}; the model runs without torch.compile (eager)"])
         return CompileResult(None, 0, problem)
