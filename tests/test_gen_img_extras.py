@@ -195,6 +195,7 @@ def test_cli_inpainting_mask_keeps_the_black_area(tmp_path, tiny_sdxl_file, guid
                 "--strength", "1.0", "--mask_path", mask, "--sequential_file_name")
         assert r.returncode == 0, r.stderr[-3000:]
         images[name] = pixels(pngs(tmp_path / name))
+    assert read_png_info(pngs(tmp_path / "keep")[0]).extra["mask_path"] == str(black)
     assert max_diff(*images["keep"]) == 0  # nothing to redraw: the prompt cannot change the image
     assert max_diff(*images["redraw_left"]) > 10
 
@@ -215,7 +216,8 @@ def test_cli_textual_inversion_token_changes_the_image(tmp_path, tiny_sdxl_file,
     (cube, token), (cube0, token0) = pixels(pngs(with_ti)), pixels(pngs(without))
     assert max_diff(cube, cube0) == 0  # loading embeddings leaves other prompts alone
     assert max_diff(token, cube) > 10 and max_diff(token, token0) > 10  # the token's vectors condition the image
-    assert read_png_info(pngs(with_ti)[1]).prompt == "a zqxstyle cube"  # as written, not expanded
+    info = read_png_info(pngs(with_ti)[1])
+    assert info.prompt == "a zqxstyle cube" and info.extra["textual_inversion"] == "zqxstyle"  # as written
 
 
 def test_textual_inversion_tokens_and_vectors_in_both_encoders(tmp_path, tiny_widths):
@@ -263,6 +265,7 @@ def test_cli_vae_decodes_and_clip_vision_strength_warns_once(tmp_path, tiny_sdxl
         runs[name] = (pixels(pngs(tmp_path / name))[0], r.stderr)
     assert max_diff(runs["same"][0], runs["model"][0]) == 0  # the model's own VAE given again: same image
     assert max_diff(runs["other"][0], runs["model"][0]) > 10
+    assert read_png_info(pngs(tmp_path / "other")[0]).extra["vae"] == "vae5.safetensors"
     assert runs["other"][1].count("--clip_vision_strength has no effect here") == 1
     r = gen(tiny_sdxl_file, tmp_path / "x", "--prompt", "a", "--vae", str(tmp_path / "missing.safetensors"))
     assert r.returncode != 0 and "--vae" in r.stderr and "Traceback" not in r.stderr

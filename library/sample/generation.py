@@ -526,6 +526,12 @@ def save_request_png(config: GenerationConfig, req: ImageRequest, image: Image.I
         extra["clip_prompt"] = req.clip_prompt
     if config.max_embeddings_multiples is not None:
         extra["max_embeddings_multiples"] = str(config.max_embeddings_multiples)
+    if config.vae:
+        extra["vae"] = os.path.basename(config.vae.rstrip("/\\"))
+    if config.textual_inversion_embeddings:  # the tokens a prompt can use
+        extra["textual_inversion"] = ",".join(Path(p).stem for p in config.textual_inversion_embeddings)
+    if config.mask_path:
+        extra["mask_path"] = config.mask_path
     if req.control_image:
         extra["guide_image"] = req.control_image
     if req.controlnet_images:
