@@ -90,6 +90,11 @@ def test_malformed_embedding_files_name_the_file_and_the_problem(tmp_path, tiny_
     wide = write_embedding(tmp_path / "wide.safetensors", (tiny_widths[0] + 1, tiny_widths[1]))
     with pytest.raises(ModelLoadError, match=r"wide\.safetensors.*'clip_l' has shape"):
         read_embedding(wide, tiny_widths)
+    wrapped = tmp_path / "wrapped.pt"  # a torch file in sd-scripts' string_to_param wrapping reads the same
+    torch.save({"string_to_param": {"clip_l": torch.ones(2, tiny_widths[0]), "clip_g": torch.ones(2, tiny_widths[1])}},
+               wrapped)
+    emb = read_embedding(str(wrapped), tiny_widths)
+    assert emb.token == "wrapped" and emb.num_vectors == 2
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ModelLoadError, match=r"junk\.safetensors.*cannot read"):
         read_embedding(str(tmp_path / "junk.safetensors"), tiny_widths)
