@@ -277,12 +277,10 @@ class Trainer:
         if not read:
             return
         acc = self.s.accelerator
+        skipped = [record for record, _, bad in read if bad]
         for record, value, bad in read:
             if bad:
-                raise UserError(f"the loss or the gradient is not finite at step {record.step} (epoch "
-                                f"{record.epoch + 1}): that optimizer step was skipped, and training stopped. "
-                                "Lower the learning rate, use bf16 instead of fp16, or drop experimental low-VRAM "
-                                "flags; resume from the last --save_state folder")
+                continue  # its optimizer step was skipped; the steps after it trained and are logged
             self.losses.append(value)
             acc.log({"loss/current": value, "lr/unet": record.lr}, step=record.step)
             if self._loss_log:
@@ -292,6 +290,12 @@ class Trainer:
         if self._bar is not None:
             last, value, _ = read[-1]
             self._bar.set_postfix(loss=f"{value:.4f}", lr=f"{last.lr:.2e}")
+        if skipped:
+            first = skipped[0]
+            raise UserError(f"the loss or the gradient is not finite at step {first.step} (epoch {first.epoch + 1}): "
+                            "that optimizer step was skipped, and training stopped. Lower the learning rate, use "
+                            "bf16 instead of fp16, or drop experimental low-VRAM flags; resume from the last "
+                            "--save_state folder")
 
     def _check_gradients(self) -> None:
         """A finite loss can still back-propagate NaN or inf (an overflow in one layer's backward): one optimizer
