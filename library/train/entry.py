@@ -8,7 +8,7 @@ from library.config.args import build_train_parser
 from library.config.compat_flags import ModelGenerationFlags, check_model_generation, compat_warnings
 from library.config.distributed_flags import DistributedConfig, distributed_warnings
 from library.config.environment_flags import environment_warnings, warn_once
-from library.config.hub_flags import HubConfig, check_hub_resume, hub_warnings
+from library.config.hub_flags import HubConfig, hub_warnings, resolve_hub_resume
 from library.config.log_flags import setup_console_logging
 from library.config.run_config import parse_args_with_config, write_run_config
 from library.config.train_config import ModelConfig, run_config_from_namespace
@@ -71,15 +71,16 @@ def apply_environment(args: argparse.Namespace) -> None:
 
 
 def apply_machine_flags(args: argparse.Namespace, family: str) -> None:
-    """Stop on flags that name what cannot train here (--v2 for SDXL, --model_type chroma, a Hub --resume), warn
-    once about multi-process / Hub flags done another way, and set how model files are read."""
+    """Stop on flags that name what cannot train here (--v2 for SDXL, --model_type chroma), warn once about
+    multi-process / Hub flags done another way, download a --resume_from_huggingface state, and set how model files
+    are read."""
     from library.models.single_file import set_safetensors_mmap
 
     values = vars(args)
     check_model_generation(values, family)
-    check_hub_resume(values)
     if getattr(args, "cpu_offload_checkpointing", False) and getattr(args, "blocks_to_swap", None):
         raise UserError("--cpu_offload_checkpointing cannot be combined with --blocks_to_swap (as in sd-scripts): "
                         "swapping already moves the blocks between CPU and GPU; drop one of them")
     warn_once(distributed_warnings(values) + hub_warnings(values) + compat_warnings(values, family))
+    resolve_hub_resume(args)  # --resume_from_huggingface: --resume becomes the downloaded state folder
     set_safetensors_mmap(not getattr(args, "disable_mmap_load_safetensors", False))

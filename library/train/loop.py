@@ -19,6 +19,7 @@ from library.train import checkpoint as ckpt
 from library.train.attention import configure_training_attention
 from library.train.batch_inputs import batch_latents, batch_text
 from library.train.epoch_plan import PlannedBatch, plan_epoch
+from library.train.hub_upload import HubTarget, HubUploader
 from library.train.initial_step import start_position
 from library.train.loop_math import all_reduce_mean_, nonfinite_grads, step_generator
 from library.train.loss_step import compute_loss
@@ -123,8 +124,11 @@ def build_session(cfg: RunConfig) -> Session:
     device = accelerator.device
 
     network = build_network(cfg.network_kind, models, cfg)
-    if network.trains_text_encoder:
-        for te in models.text_encoders:
+    # only the encoders the network trains leave eval mode (FLUX's T5 without train_t5xxl stays in it: no dropout on
+    # a frozen encoder, so a partially cached run equals an uncached one)
+    trained_tes = family.text_encoders_trained(models, network.module, network.trains_text_encoder)
+    for te, trained in zip(models.text_encoders, trained_tes):
+        if trained:
             te.train()
             if cfg.training.gradient_checkpointing and hasattr(te, "gradient_checkpointing_enable"):
                 te.gradient_checkpointing_enable()
@@ -137,7 +141,7 @@ def build_session(cfg: RunConfig) -> Session:
 
         compile_for_training(models.denoiser, cfg.training.dynamo_backend, sharded)
 
-    text_cache = setup_caches(cfg, family, models, datasets, accelerator, network.trains_text_encoder)
+    text_cache = setup_caches(cfg, family, models, datasets, accelerator, trained_tes)
 
     batches_per_epoch = sum(len(d.epoch_batches(0)) for d in datasets)
     if batches_per_epoch == 0:
@@ -182,6 +186,9 @@ class Trainer:
         self._prefetch: Prefetcher[Any] = Prefetcher(enabled=not any(
             item.subset.token_warmup_step > 0 for d in session.datasets for item in d.items))
         self._upcoming: PlannedBatch | None = None
+        # --huggingface_repo_id: the main process uploads what it saves (library/train/hub_upload.py)
+        target = HubTarget.from_config(session.cfg.hub)
+        self._hub = HubUploader(target) if target and session.accelerator.is_main_process else None
 
     # --- one step -----------------------------------------------------------------------------------------------
     def _loss(self, batch: Any, micro: int, first_position: int) -> torch.Tensor:
@@ -338,6 +345,11 @@ class Trainer:
         # --resume continues exactly
         ckpt.save_state(self.s, self.state, os.path.join(self.s.cfg.save.output_dir, dir_name))
 
+    def _upload(self, path: str, is_state: bool = False, force_sync: bool = False) -> None:
+        """--huggingface_repo_id: upload a saved network file (a state folder with --save_state_to_huggingface)."""
+        if self._hub and (not is_state or self._hub.target.save_state):
+            self._hub.upload(path if not is_state else os.path.join(self.s.cfg.save.output_dir, path), force_sync)
+
     def _remove_old(self, name: str | None, is_state: bool) -> None:
         """--save_last_n_*: delete the one save that left the window (library/train/retention.py)."""
         if name and self.s.accelerator.is_main_process:
@@ -415,11 +427,12 @@ class Trainer:
         s, sv, sp = self.s, self.s.cfg.save, self.s.cfg.sample
         step = self.state.global_step
         if sv.save_every_n_steps and step % sv.save_every_n_steps == 0 and step < s.total_steps:
-            self.save_network(ckpt.step_file_name(sv.output_name, step))
+            self._upload(self.save_network(ckpt.step_file_name(sv.output_name, step)))
             old = step_to_remove(step, sv.save_every_n_steps, sv.save_last_n_steps)
             self._remove_old(old and ckpt.step_file_name(sv.output_name, old), False)
             if sv.save_state:
                 self.save_state(f"{sv.output_name}-step{step:08d}-state")
+                self._upload(f"{sv.output_name}-step{step:08d}-state", is_state=True)
                 old = step_to_remove(step, sv.save_every_n_steps,
                                      state_window(sv.save_last_n_steps_state, sv.save_last_n_steps))
                 self._remove_old(old and f"{sv.output_name}-step{old:08d}-state", True)
@@ -435,11 +448,12 @@ class Trainer:
         sv, sp = self.s.cfg.save, self.s.cfg.sample
         every = self._every_n_epochs()  # --save_every_n_epochs, or from --save_n_epoch_ratio
         if every and epoch_done % every == 0 and self.state.global_step < self.s.total_steps:
-            self.save_network(ckpt.epoch_file_name(sv.output_name, epoch_done))
+            self._upload(self.save_network(ckpt.epoch_file_name(sv.output_name, epoch_done)))
             old = epoch_to_remove(epoch_done, every, sv.save_last_n_epochs)
             self._remove_old(old and ckpt.epoch_file_name(sv.output_name, old), False)
             if sv.save_state:
                 self.save_state(f"{sv.output_name}-{epoch_done:06d}-state")
+                self._upload(f"{sv.output_name}-{epoch_done:06d}-state", is_state=True)
                 old = epoch_to_remove(epoch_done, every, state_window(sv.save_last_n_epochs_state,
                                                                       sv.save_last_n_epochs))
                 self._remove_old(old and f"{sv.output_name}-{old:06d}-state", True)
@@ -506,6 +520,8 @@ class Trainer:
             raise
         finally:
             self._stop.restore()
+            if self._hub:
+                self._hub.wait()  # --async_upload: the run ends when its uploads have (or have warned)
         acc.end_training()
         return TrainResult(out, self.state.global_step, self.losses)
 
@@ -514,6 +530,7 @@ class Trainer:
         cfg, acc = self.s.cfg, self.s.accelerator
         out = self.save_network(f"{cfg.save.output_name}.safetensors")
         self._final_saved = True
+        self._upload(out, force_sync=True)  # the final network is on the Hub before the run ends, as in sd-scripts
         if torch.cuda.is_available():
             acc.print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB")
         if cfg.validation.evaluates and acc.is_main_process:
@@ -523,6 +540,7 @@ class Trainer:
                 acc.print(f"wrote {written}")
         if cfg.save.save_state or cfg.save.save_state_on_train_end:
             self.save_state(f"{cfg.save.output_name}-state")
+            self._upload(f"{cfg.save.output_name}-state", is_state=True)
         return out
 
     def _stopped_early(self, error: BaseException) -> BaseException | None:
