@@ -92,9 +92,13 @@ def vae_identity(family_id: str, vae: torch.nn.Module) -> str:
     return f"{family_id}-w{weights_digest(vae)}-s{scale}-z{shift}"
 
 
-def text_identity(family_id: str, encoders: Iterable[torch.nn.Module], tokenizers: Iterable[Any]) -> str:
+def text_identity(family_id: str, encoders: Iterable[torch.nn.Module], tokenizers: Iterable[Any],
+                  outputs: Iterable[str] | None = None) -> str:
     """The provenance of a text-encoder output: the family's identity (which names the settings it depends on,
-    e.g. a maximum length), every encoder weight and every tokenizer."""
+    e.g. a maximum length), every encoder weight and every tokenizer. `outputs` names the outputs of a partial
+    cache (sd-scripts' partial caching: FLUX's T5 outputs while CLIP-L is trained); a full cache (None) holds them
+    all. The two never share an identity, so neither is read in place of the other."""
     weights = "-".join(weights_digest(te) for te in encoders)
     toks = "-".join(tokenizer_digest(t) for t in tokenizers)
-    return f"{family_id}-w{weights}-t{toks}"
+    part = "" if outputs is None else "-partial:" + "+".join(sorted(outputs))
+    return f"{family_id}-w{weights}-t{toks}{part}"

@@ -7,6 +7,10 @@ caption: the weights of every encoder, the tokenizers, and the family's settings
 that is missing, unreadable (damaged, or a hostile header) or made for another caption or encoder is re-encoded and
 rewritten, never used. A caption that changes per epoch (shuffle, dropout) cannot be cached, which
 `check_compatible` refuses up front.
+
+A partial cache (sd-scripts' partial caching: with a CLIP-L LoRA, FLUX caches T5's outputs only and runs CLIP-L
+every step) names the outputs it holds in its identity (library.cache.provenance.text_identity) and in every file's
+metadata ("outputs"), so a full-cache run never reads its files, nor a partial run a full cache's.
 """
 from __future__ import annotations
 
@@ -48,12 +52,17 @@ def check_compatible(subsets: Iterable[SubsetConfig]) -> None:
 class TextOutputCache:
     """Text-encoder outputs per caption, in memory or in `cache_dir` on disk."""
 
-    def __init__(self, encoder_id: str, mode: Literal["memory", "disk"] = "memory", cache_dir: str | None = None):
+    def __init__(self, encoder_id: str, mode: Literal["memory", "disk"] = "memory", cache_dir: str | None = None,
+                 outputs: tuple[str, ...] | None = None, live_encoders: tuple[int, ...] = ()):
+        """`outputs`: the output names a partial cache holds (None: a full cache, all of them). `live_encoders`:
+        the text encoders (indices) whose outputs it does not hold, which the loop runs every step."""
         if mode not in ("memory", "disk"):
             raise ValueError(f"text cache mode must be 'memory' or 'disk', got {mode!r}")
         if mode == "disk" and not cache_dir:
             raise ValueError("a disk text-encoder cache needs a cache_dir")
         self.encoder_id, self.mode, self.cache_dir = encoder_id, mode, cache_dir
+        self.outputs = tuple(sorted(outputs)) if outputs is not None else None
+        self.live_encoders = tuple(live_encoders)
         self._memory: dict[str, dict[str, torch.Tensor]] = {}
         self._encode_fn: TextEncodeFn | None = None
         self._known: set[str] = set()  # the captions ensure() was given: the only ones get() may re-encode
@@ -65,8 +74,15 @@ class TextOutputCache:
         digest = hashlib.sha256(f"{self.encoder_id}\0{caption}".encode("utf-8")).hexdigest()[:32]
         return os.path.join(self.cache_dir or "", f"{digest}.te.safetensors")
 
+    @property
+    def partial(self) -> bool:
+        return self.outputs is not None
+
     def _metadata(self, caption: str) -> dict[str, str]:
-        return {"format_version": FORMAT_VERSION, "encoder_id": self.encoder_id, "caption": caption}
+        found = {"format_version": FORMAT_VERSION, "encoder_id": self.encoder_id, "caption": caption}
+        if self.outputs is not None:  # a full cache's files keep the metadata they always had
+            found["outputs"] = "partial:" + "+".join(self.outputs)
+        return found
 
     def _problem(self, caption: str) -> str | None:
         """Why the cached output of `caption` cannot be used (None: it can)."""
@@ -112,6 +128,8 @@ class TextOutputCache:
     def _encode(self, chunk: list[str], encode_fn: TextEncodeFn) -> dict[str, dict[str, torch.Tensor]]:
         with torch.no_grad():
             outputs = encode_fn(chunk)
+        if self.outputs is not None and tuple(sorted(outputs)) != self.outputs:
+            raise ValueError(f"a partial text-encoder cache of {self.outputs} was given outputs {sorted(outputs)}")
         written = {}
         for j, caption in enumerate(chunk):
             tensors = {name: t[j].detach().cpu().clone() for name, t in outputs.items()}

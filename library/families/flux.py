@@ -81,6 +81,9 @@ class FluxFamilyModels(FamilyModels):
 @register_family("flux")
 class FluxFamily(ModelFamily[FluxFamilyModels]):
     denoiser_key = "transformer"
+    # CLIP-L gives the pooled vector, T5 the sequence (and its mask): with a CLIP-L LoRA and
+    # --cache_text_encoder_outputs only T5's outputs are cached, as sd-scripts' partial caching does
+    text_outputs_by_encoder = (("pooled",), ("t5", "t5_mask"))
 
     def __init__(self, config: ModelConfig | None = None) -> None:
         if config is not None and not isinstance(config, FluxModelConfig):
@@ -128,20 +131,42 @@ class FluxFamily(ModelFamily[FluxFamilyModels]):
 
     # --- encoders -----------------------------------------------------------------------------------------------
     def encode_text(self, models: FluxFamilyModels, captions: list[str]) -> TextOutputs:
-        clip, t5 = models.text_encoders
-        tok_clip, tok_t5 = models.tokenizers
-        fcfg = self.flux
-        device = next(clip.parameters()).device
+        return self.encode_text_part(models, captions, (0, 1))
+
+    def encode_text_part(self, models: FluxFamilyModels, captions: list[str],
+                         encoders: tuple[int, ...]) -> TextOutputs:
+        """CLIP-L (0) -> "pooled"; T5 (1) -> "t5", "t5_mask". Each runs on the device its weights are on (a partial
+        cache leaves T5 on the CPU and CLIP-L on the device)."""
+        out: TextOutputs = {}
+        if 0 in encoders:
+            out["pooled"] = self._encode_clip(models, captions)
+        if 1 in encoders:
+            out.update(self._encode_t5(models, captions))
+        return out
+
+    def _encode_clip(self, models: FluxFamilyModels, captions: list[str]) -> torch.Tensor:
+        clip, tok_clip = models.text_encoders[0], models.tokenizers[0]
         ids = tok_clip(captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
-                       return_tensors="pt").input_ids.to(device)
-        pooled = clip(ids, output_hidden_states=False).pooler_output
+                       return_tensors="pt").input_ids.to(next(clip.parameters()).device)
+        return clip(ids, output_hidden_states=False).pooler_output
+
+    def _encode_t5(self, models: FluxFamilyModels, captions: list[str]) -> TextOutputs:
+        t5, tok_t5 = models.text_encoders[1], models.tokenizers[1]
+        fcfg = self.flux
+        device = next(t5.parameters()).device
         tok = tok_t5(captions, padding="max_length", max_length=models.t5_max_length, truncation=True,
                      return_tensors="pt")
         t5_ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
         hidden = t5(t5_ids, attention_mask=mask if fcfg.apply_t5_attn_mask else None).last_hidden_state
         if fcfg.apply_t5_attn_mask:
             hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
-        return {"t5": hidden, "t5_mask": mask.to(hidden.dtype), "pooled": pooled}
+        return {"t5": hidden, "t5_mask": mask.to(hidden.dtype)}
+
+    def text_encoders_trained(self, models: FluxFamilyModels, network: torch.nn.Module,
+                              trains_text_encoder: bool) -> list[bool]:
+        """CLIP-L whenever the network trains text encoders; T5 only when the network says `train_t5xxl` (the
+        attribute sd-scripts' flux_train_network.py reads; networks.lora_flux sets it from --network_args)."""
+        return [trains_text_encoder, trains_text_encoder and bool(getattr(network, "train_t5xxl", False))]
 
     def encode_images(self, models: FluxFamilyModels, images: torch.Tensor,
                       generators: list[torch.Generator] | None = None, sample: bool = True) -> torch.Tensor:

@@ -95,6 +95,11 @@ class ModelFamily(ABC, Generic[M]):
     name: ClassVar[str] = ""
     #: the denoiser's published name ("unet", "transformer"): what messages and the family's file names call it
     denoiser_key: ClassVar[str] = "unet"
+    #: per text encoder (in `FamilyModels.text_encoders` order), the `TextOutputs` keys that encoder alone produces.
+    #: Empty: the outputs cannot be told apart by encoder, so a network that trains a text encoder rules out
+    #: --cache_text_encoder_outputs (sd-scripts' SDXL trainer says the same). FLUX fills it in: sd-scripts' partial
+    #: caching keeps T5's outputs and runs a trained CLIP-L every step (`encode_text_part`).
+    text_outputs_by_encoder: ClassVar[tuple[tuple[str, ...], ...]] = ()
 
     def __init__(self, config: ModelConfig | None = None) -> None:
         """A family is bound to its model config when built (`get_family(name, config)`): its own flags are read
@@ -132,6 +137,17 @@ class ModelFamily(ABC, Generic[M]):
     @abstractmethod
     def loss_target(self, models: M, latents: torch.Tensor, inp: NoisyInput) -> torch.Tensor:
         ...
+
+    def encode_text_part(self, models: M, captions: list[str], encoders: tuple[int, ...]) -> TextOutputs:
+        """The outputs of the text encoders at `encoders` only (indices into `models.text_encoders`), keyed as
+        `text_outputs_by_encoder` says: a partial text-encoder cache stores some, the others are encoded every
+        step. Only called on families whose `text_outputs_by_encoder` is filled in."""
+        raise NotImplementedError(f"{type(self).__name__} cannot encode its text encoders separately")
+
+    def text_encoders_trained(self, models: M, network: torch.nn.Module, trains_text_encoder: bool) -> list[bool]:
+        """Per text encoder, whether `network` trains it. By default every encoder is trained when the network
+        trains text encoders; a family whose networks opt in per encoder (FLUX's T5 with train_t5xxl) says so."""
+        return [trains_text_encoder] * len(models.text_encoders)
 
     def loss_weights(self, models: M, inp: NoisyInput, cfg: TrainingConfig) -> torch.Tensor | None:
         """Per-sample loss weights (e.g. min-SNR); None for uniform."""

@@ -17,7 +17,11 @@ def batch_text(session: Session, batch: Any, grad: bool) -> dict[str, torch.Tens
     if s.text_cache is not None:
         outs = [s.text_cache.get(c) for c in batch.captions]
         pin = torch.cuda.is_available()  # a pinned copy goes to the GPU without blocking the host
-        return {k: to_device(_stacked([o[k] for o in outs], pin), s.accelerator.device) for k in outs[0]}
+        text = {k: to_device(_stacked([o[k] for o in outs], pin), s.accelerator.device) for k in outs[0]}
+        if s.text_cache.live_encoders:  # a partial cache: the trained encoders run now, with gradients
+            with torch.set_grad_enabled(grad), s.accelerator.autocast():
+                text.update(s.family.encode_text_part(s.models, batch.captions, s.text_cache.live_encoders))
+        return text
     with torch.set_grad_enabled(grad), s.accelerator.autocast():
         return s.family.encode_text(s.models, batch.captions)
 

@@ -61,11 +61,14 @@ def local_slice(indices: tuple[int, ...], rank: int, world: int) -> list[int]:
 
 
 def setup_caches(cfg: RunConfig, family: ModelFamily, models: FamilyModels, datasets: list[Any], accelerator: Any,
-                 trains_text_encoder: bool) -> Any:
-    """Fill the latent and text-encoder caches the flags ask for; return the text cache (or None)."""
+                 trained_text_encoders: list[bool]) -> Any:
+    """Fill the latent and text-encoder caches the flags ask for; return the text cache (or None).
+    `trained_text_encoders` (one flag per encoder): the outputs of trained encoders are not cached, they run every
+    step (library/train/text_cache_plan.py)."""
     from library.cache.latents import LatentCache
     from library.cache.provenance import text_identity, vae_identity
     from library.cache.text_outputs import TextOutputCache, check_compatible
+    from library.train.text_cache_plan import plan_text_cache
 
     c = cfg.cache
     if c.cache_latents or c.cache_latents_to_disk:
@@ -88,15 +91,20 @@ def setup_caches(cfg: RunConfig, family: ModelFamily, models: FamilyModels, data
             cache.ensure(ds, encode, c.vae_batch_size, progress=accelerator.is_local_main_process)
             ds.attach_latent_cache(cache)
         models.vae.to("cpu")  # not needed on the device any more
-    if not (c.cache_text_encoder_outputs or c.cache_text_encoder_outputs_to_disk):
+    plan = plan_text_cache(bool(c.cache_text_encoder_outputs or c.cache_text_encoder_outputs_to_disk),
+                           trained_text_encoders, family.text_outputs_by_encoder)
+    if plan is None:
         return None
     for ds in datasets:
         check_compatible(s for s in ds.config.subsets)
     text_dir = c.text_encoder_cache_dir or os.path.join(cfg.save.output_dir, "te_cache")
     if c.cache_text_encoder_outputs_to_disk:
         _clean_temp_files([text_dir])
-    text_id = text_identity(family.model_identity(models, "text"), models.text_encoders, models.tokenizers)
-    cache = TextOutputCache(text_id, "disk" if c.cache_text_encoder_outputs_to_disk else "memory", cache_dir=text_dir)
+    text_id = text_identity(family.model_identity(models, "text"), models.text_encoders, models.tokenizers,
+                            plan.outputs)
+    cache = TextOutputCache(text_id, "disk" if c.cache_text_encoder_outputs_to_disk else "memory", cache_dir=text_dir,
+                            outputs=plan.outputs, live_encoders=plan.live_encoders)
+    cached_encoders = tuple(i for i in range(len(models.text_encoders)) if i not in plan.live_encoders)
     captions = list(dict.fromkeys(cap for ds in datasets for cap in ds.fixed_captions()))
     # --text_encoder_batch_size; sd-scripts' default is the dataset's batch size
     te_batch = max(1, getattr(c, "text_encoder_batch_size", None)
@@ -105,7 +113,9 @@ def setup_caches(cfg: RunConfig, family: ModelFamily, models: FamilyModels, data
     @torch.no_grad()
     def encode_text(batch: list[str]) -> dict[str, torch.Tensor]:
         with accelerator.autocast():
-            return {k: v.float().cpu() for k, v in family.encode_text(models, batch).items()}
+            out = family.encode_text(models, batch) if plan.outputs is None else \
+                family.encode_text_part(models, batch, cached_encoders)
+            return {k: v.float().cpu() for k, v in out.items()}
 
     if c.cache_text_encoder_outputs_to_disk and accelerator.num_processes > 1:
         cache.ensure(captions, encode_text, batch_size=te_batch,
@@ -113,6 +123,6 @@ def setup_caches(cfg: RunConfig, family: ModelFamily, models: FamilyModels, data
                      shard=(accelerator.process_index, accelerator.num_processes))
         accelerator.wait_for_everyone()
     cache.ensure(captions, encode_text, batch_size=te_batch, progress=accelerator.is_local_main_process)
-    for te in models.text_encoders:
-        te.to("cpu")  # only sampling needs them from now on; it brings them back for the time it runs
+    for i in cached_encoders:  # only sampling needs them from now on; it brings them back for the time it runs
+        models.text_encoders[i].to("cpu")
     return cache

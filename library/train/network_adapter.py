@@ -63,10 +63,9 @@ class KohyaNetwork(TrainNetwork):
             raise UserError("--dim_from_weights takes the rank from --network_weights: give --network_weights FILE")
         text_encoders = models.text_encoders
         self.train_unet = not ncfg.network_train_text_encoder_only
+        # with --cache_text_encoder_outputs the family decides what can still be cached while text encoders train
+        # (library/train/text_cache_plan.py: FLUX caches T5 and runs CLIP-L every step; SDXL refuses)
         self.trains_text_encoder = not ncfg.network_train_unet_only and bool(text_encoders)
-        if cfg.cache.cache_text_encoder_outputs and self.trains_text_encoder:
-            raise UserError("--cache_text_encoder_outputs needs --network_train_unet_only: "
-                            "cached outputs cannot train a text-encoder LoRA")
         self._text_encoders, self._denoiser = protocol.models_for(mod, text_encoders, models.denoiser)
         self._scale_weight_norms = getattr(ncfg, "scale_weight_norms", None)
         vae = models.vae
