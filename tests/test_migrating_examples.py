@@ -139,14 +139,15 @@ keep_tokens = 1
         "--timestep_sampling", "shift", "--discrete_flow_shift", "3.1582", "--model_prediction_type", "raw",
         "--guidance_scale", "1", "--loss_type", "l2",
         "--tokenizer_cache_dir", str(tmp_path / "tokenizers"),
-        # sd-scripts caches T5 and still trains CLIP-L with --cache_text_encoder_outputs; that partial caching is
-        # not here yet (docs/migrating.md says so), so the LoRA trains the transformer only
-        "--network_train_unet_only",
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "--split_mode" in r.stderr and "--highvram" in r.stderr  # each answered with one warning
     with safe_open(str(out / "my-lora.safetensors"), "pt") as f:
         keys = list(f.keys())
         md = f.metadata()
-    assert keys and all(k.startswith("lora_unet_single_blocks_") for k in keys)  # train_blocks=single
+        te1_ups = [f.get_tensor(k) for k in keys if k.startswith("lora_te1_") and k.endswith("lora_up.weight")]
+    # train_blocks=single; CLIP-L is trained too (T5's outputs are cached, CLIP-L runs every step, as in sd-scripts)
+    assert all(k.startswith(("lora_unet_single_blocks_", "lora_te1_")) for k in keys)
+    assert any(k.startswith("lora_unet_single_blocks_") for k in keys)
+    assert te1_ups and any(float(t.abs().max()) > 0 for t in te1_ups)  # the CLIP-L LoRA trained
     assert md["ss_network_module"] == "networks.lora_flux" and md["ss_discrete_flow_shift"] == "3.1582"
