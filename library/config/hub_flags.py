@@ -1,4 +1,4 @@
-"""sd-scripts' Hugging Face Hub upload / download flags (uploads: library/train/hub_upload.py).
+"""sd-scripts' Hugging Face Hub upload / download flags (uploads and the --resume download: library/train/hub_upload.py).
 
 With --huggingface_repo_id every saved network file is uploaded (and each state folder with
 --save_state_to_huggingface); --resume_from_huggingface reads --resume as a Hub location and downloads that state
@@ -7,7 +7,6 @@ flags, not values, and it is left out of logs, metadata and saved configs (libra
 """
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass
 from typing import Mapping
@@ -54,13 +53,3 @@ def hub_warnings(values: Mapping[str, object]) -> list[str]:
                        "training starts from the beginning")
     return out
 
-
-def resolve_hub_resume(args: argparse.Namespace) -> None:
-    """--resume_from_huggingface with a --resume that is not a local folder: download the state folder it names and
-    point --resume at the downloaded copy (a failed download stops the run before training, naming the location)."""
-    resume = getattr(args, "resume", None)
-    if getattr(args, "resume_from_huggingface", False) and resume and not os.path.isdir(str(resume)):
-        from library.train.hub_upload import download_state
-
-        print(f"--resume_from_huggingface: downloading the state {resume}", flush=True)
-        args.resume = download_state(str(resume), getattr(args, "huggingface_token", None))

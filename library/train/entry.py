@@ -8,11 +8,12 @@ from library.config.args import build_train_parser
 from library.config.compat_flags import ModelGenerationFlags, check_model_generation, compat_warnings
 from library.config.distributed_flags import DistributedConfig, distributed_warnings
 from library.config.environment_flags import environment_warnings, warn_once
-from library.config.hub_flags import HubConfig, hub_warnings, resolve_hub_resume
+from library.config.hub_flags import HubConfig, hub_warnings
 from library.config.log_flags import setup_console_logging
 from library.config.run_config import parse_args_with_config, write_run_config
 from library.config.train_config import ModelConfig, run_config_from_namespace
 from library.errors import UserError
+from library.train.hub_upload import resolve_hub_resume
 
 
 # Groups every trainer has beyond the shared ones (sd-scripts' trainers all take them).

@@ -13,6 +13,7 @@ scrubbed of it before they are shown.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import threading
@@ -181,4 +182,13 @@ def download_state(resume: str, token: str | None) -> str:
     return os.path.normpath(local)
 
 
-__all__ = ["HubLocation", "HubTarget", "HubUploader", "download_state", "parse_hub_resume", "path_in_repo"]
+def resolve_hub_resume(args: argparse.Namespace) -> None:
+    """--resume_from_huggingface with a --resume that is not a local folder: download the state folder it names and
+    point --resume at the downloaded copy (a failed download stops the run before training, naming the location)."""
+    resume = getattr(args, "resume", None)
+    if getattr(args, "resume_from_huggingface", False) and resume and not os.path.isdir(str(resume)):
+        print(f"--resume_from_huggingface: downloading the state {resume}", flush=True)
+        args.resume = download_state(str(resume), getattr(args, "huggingface_token", None))
+
+
+__all__ = ["HubLocation", "HubTarget", "HubUploader", "download_state", "parse_hub_resume", "path_in_repo", "resolve_hub_resume"]
