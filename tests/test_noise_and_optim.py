@@ -145,25 +145,9 @@ def test_non_finite_loss_stops_training_before_the_step(tmp_path, tiny_sdxl_file
 def test_non_finite_gradient_stops_training_before_the_step(tmp_path, tiny_sdxl_file, shapes_dataset, monkeypatch):
     """A finite loss whose backward overflows: the check names the LoRA parameters and nothing is saved."""
     import sdxl_train_network
-    from library.train import loop
     from test_train_sdxl_network import run_toml
 
-    class NanBackward(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad * float("nan")
-
-    original = loop.Trainer._loss
-
-    def nan_grad_on_second(self, batch, micro, first):
-        loss = original(self, batch, micro, first)
-        return NanBackward.apply(loss) if self.state.global_step == 1 else loss
-
-    monkeypatch.setattr(loop.Trainer, "_loss", nan_grad_on_second)
+    nan_gradient_at_step_2(monkeypatch)
     cfg = run_toml(tmp_path, tiny_sdxl_file, shapes_dataset["config"], max_train_steps=3, network_train_unet_only=True)
     with pytest.raises(UserError, match=r"gradient is not finite at step 2 \(epoch 1\) in lora_unet_\w+"):
         sdxl_train_network.main(["--config_file", cfg])
@@ -177,3 +161,28 @@ def test_logging_flag_errors_are_clear(tmp_path, tiny_sdxl_file, shapes_dataset)
     cfg = run_toml(tmp_path, tiny_sdxl_file, shapes_dataset["config"], log_with="tensorboard")
     r = run_script("sdxl_train_network.py", "--config_file", cfg)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "--logging_dir" in r.stderr
+
+
+class _NanBackward(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def nan_gradient_at_step_2(monkeypatch) -> None:
+    """Make the trainer's second step produce NaN gradients (through a finite loss)."""
+    from library.train import loop
+
+    original = loop.Trainer._loss
+
+    def nan_grad_on_second(self, batch, micro, first):
+        loss = original(self, batch, micro, first)
+        return _NanBackward.apply(loss) if self.state.global_step == 1 else loss
+
+    monkeypatch.setattr(loop.Trainer, "_loss", nan_grad_on_second)

@@ -152,25 +152,10 @@ def test_unfused_optimizer_keeps_the_per_step_guard(tmp_path, tiny_sdxl_file, sh
 
 def test_deferred_guard_stops_on_a_nan_gradient(tmp_path, tiny_sdxl_file, shapes_dataset, monkeypatch):
     import sdxl_train_network
-    from library.train import loop
+    from test_noise_and_optim import nan_gradient_at_step_2
     from test_train_sdxl_network import run_toml
 
-    class NanBackward(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad * float("nan")
-
-    original = loop.Trainer._loss
-
-    def nan_grad_on_second(self, batch, micro, first):
-        loss = original(self, batch, micro, first)
-        return NanBackward.apply(loss) if self.state.global_step == 1 else loss
-
-    monkeypatch.setattr(loop.Trainer, "_loss", nan_grad_on_second)
+    nan_gradient_at_step_2(monkeypatch)
     cfg = run_toml(tmp_path, tiny_sdxl_file, shapes_dataset["config"], max_train_steps=3,
                    network_train_unet_only=True, optimizer_args=["fused=True"])
     with pytest.raises(UserError, match=r"not finite at step 2 \(epoch 1\): that optimizer step was skipped"):
