@@ -139,3 +139,15 @@ def test_train_t5xxl_with_cache_warns_and_trains_both_encoders(tmp_path, tiny_fl
         assert any(float(v.abs().max()) > 0 for k, v in sd.items()
                    if k.startswith(prefix) and k.endswith("lora_up.weight")), prefix
 
+
+
+def test_sdxl_with_a_text_encoder_lora_still_refuses_the_cache(tmp_path, tiny_sdxl_file):
+    """SDXL's two CLIPs feed one hidden state: nothing can be cached while either is trained (sd-scripts asserts)."""
+    from test_train_sdxl_network import run_toml
+
+    ds = build_shapes_dataset(tmp_path)
+    r = run_script("sdxl_train_network.py", "--config_file", run_toml(tmp_path, tiny_sdxl_file, ds["config"]),
+                   "--cache_text_encoder_outputs")
+    assert r.returncode != 0
+    assert "--cache_text_encoder_outputs needs --network_train_unet_only" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out" / "lora.safetensors").exists()
