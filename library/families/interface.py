@@ -3,7 +3,9 @@
 Required hooks: `load_models`, `model_identity` (cache provenance), `encode_text`, `encode_images`,
 `noise_and_timesteps`, `predict`, `loss_target`, `build_pipeline` (the diffusers pipeline generation runs) and
 `sample_images` (sampling during training). Optional hooks with neutral defaults: `loss_weights`,
-`huber_threshold`, `set_text_options`, `modules_kept_off_device`, `sharding_units`, `after_base_models_prepared`.
+`huber_threshold`, `set_text_options`, `modules_kept_off_device`, `sharding_units`, `after_base_models_prepared`,
+and for caching some text encoders' outputs while others train: `text_outputs_by_encoder`, `encode_text_part`,
+`text_encoders_trained`.
 Every hook that needs the models takes the family's `FamilyModels` (a typed dataclass, subclassed per family for
 what only that family carries), never a dict. Everything else (data, caches, networks, optimisation, saving, resume,
 logging) is the loop's and is shared by every family; families are found by name in library/families/registry.py.
