@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_inputs import flux_transformer_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -148,13 +149,7 @@ def tiny():
 
 
 def _inputs(tr, seed: int = 1) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    cfg = tr.config
-    return dict(hidden_states=torch.randn(1, 16, cfg.in_channels, generator=g),
-                encoder_hidden_states=torch.randn(1, 8, cfg.joint_attention_dim, generator=g),
-                pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
-                timestep=torch.full((1,), 0.5), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
-                guidance=torch.full((1,), 3.5))
+    return flux_transformer_inputs(tr, seed=seed)
 
 
 def _step(tr, net, log: list | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:

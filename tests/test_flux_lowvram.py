@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from tiny_inputs import flux_transformer_inputs
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -30,14 +31,8 @@ def tiny():
     return build_tiny_flux(0)
 
 
-def _inputs(tr, seed: int = 0, b: int = 1, tokens: int = 16, txt: int = 8) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    cfg = tr.config
-    return dict(hidden_states=torch.randn(b, tokens, cfg.in_channels, generator=g),
-                encoder_hidden_states=torch.randn(b, txt, cfg.joint_attention_dim, generator=g),
-                pooled_projections=torch.randn(b, cfg.pooled_projection_dim, generator=g),
-                timestep=torch.full((b,), 0.5), img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(txt, 3),
-                guidance=torch.full((b,), 3.5))
+def _inputs(tr, seed: int = 0) -> dict:
+    return flux_transformer_inputs(tr, seed=seed)
 
 
 def _cast(d: dict, dtype: torch.dtype) -> dict:

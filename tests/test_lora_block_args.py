@@ -2,7 +2,6 @@
 block_lr_zero_threshold): ranks per block in the saved file, learning rates per block, frozen blocks left out."""
 from __future__ import annotations
 
-import copy
 import json
 import math
 
@@ -14,22 +13,12 @@ from library.errors import ConfigError
 from networks import block_args
 from networks import kohya_names as kn
 from networks.lora import create_network
-from test_lora_network import make_models
+from test_lora_network import base_models, models  # noqa: F401 - the tiny SDXL fixtures, shared
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # one distinct rank per block (blocks 0 and 22 hold no modules), so each module's rank tells its block
 BLOCK_DIMS = [1 + (i % 5) for i in range(23)]
-
-
-@pytest.fixture(scope="module")
-def base_models():
-    return make_models(0)
-
-
-@pytest.fixture
-def models(base_models):
-    return copy.deepcopy(base_models)
 
 
 def unet_blocks(network) -> dict[int, set[tuple[int, bool]]]:

@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from tiny_inputs import flux_transformer_inputs
 
 from library.train import compile as comp
 
@@ -74,13 +75,7 @@ def _sdxl_step(unet, net) -> tuple[torch.Tensor, list[torch.Tensor]]:
 
 
 def _flux_inputs(tr, seed: int = 1) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    cfg = tr.config
-    return dict(hidden_states=torch.randn(2, 16, cfg.in_channels, generator=g),
-                encoder_hidden_states=torch.randn(2, 8, cfg.joint_attention_dim, generator=g),
-                pooled_projections=torch.randn(2, cfg.pooled_projection_dim, generator=g),
-                timestep=torch.tensor([0.3, 0.8]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
-                guidance=torch.full((2,), 3.5))
+    return flux_transformer_inputs(tr, seed=seed, batch=2, timesteps=[0.3, 0.8])
 
 
 def _flux_step(tr, net) -> tuple[torch.Tensor, list[torch.Tensor]]:
