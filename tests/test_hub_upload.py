@@ -140,6 +140,11 @@ def stand_in(monkeypatch):
     hub.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
     monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # conftest sets HF_HUB_OFFLINE=1 for the suite, and huggingface_hub reads it once, when first imported (an earlier
+    # test importing transformers or diffusers): switch the read value off too, for this test only
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     yield hub
     server.shutdown()
     server.server_close()
