@@ -272,6 +272,7 @@ def test_progress_bar_says_when_it_samples(monkeypatch):
     from tqdm.auto import tqdm
 
     from library.train import loop, sampling
+    from library.train.prefetch import Prefetcher
 
     seen = []
     bar = tqdm(total=3, desc="steps", disable=False, file=io.StringIO())
@@ -281,6 +282,8 @@ def test_progress_bar_says_when_it_samples(monkeypatch):
                                 accelerator=SimpleNamespace(is_main_process=True))
     trainer.state = SimpleNamespace(global_step=1)
     trainer._bar = bar
+    trainer._prefetch = Prefetcher(enabled=False)
+    monkeypatch.setattr(loop.Trainer, "_read_losses", lambda self: None)  # no losses pending in this stand-in
     trainer.sample()
     assert seen and seen[0].startswith("sampling"), seen
     assert bar.desc == "steps"
