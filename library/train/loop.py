@@ -5,7 +5,7 @@ import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from tqdm.auto import tqdm
@@ -180,7 +180,7 @@ class Trainer:
         self._pending = PendingLosses()
         self._guard = NonFiniteGuard(session.optimizer, getattr(session.accelerator, "scaler", None) is not None)
         self._step_flag: torch.Tensor | None = None
-        self._loss_log: Any = None
+        self._loss_log: TextIO | None = None  # --loss_log_file, written by _read_losses
         # the next batch loads while this one trains; not under caption token warm-up, whose captions depend on
         # the step a batch is loaded at (library/train/prefetch.py)
         self._prefetch: Prefetcher[Any] = Prefetcher(enabled=not any(
@@ -344,6 +344,7 @@ class Trainer:
         # a schedule-free optimizer stays in train mode here: the folder holds the weights it steps on, so
         # --resume continues exactly
         ckpt.save_state(self.s, self.state, os.path.join(self.s.cfg.save.output_dir, dir_name))
+        self._upload(dir_name, is_state=True)  # with --save_state_to_huggingface
 
     def _upload(self, path: str, is_state: bool = False, force_sync: bool = False) -> None:
         """--huggingface_repo_id: upload a saved network file (a state folder with --save_state_to_huggingface)."""
@@ -432,7 +433,6 @@ class Trainer:
             self._remove_old(old and ckpt.step_file_name(sv.output_name, old), False)
             if sv.save_state:
                 self.save_state(f"{sv.output_name}-step{step:08d}-state")
-                self._upload(f"{sv.output_name}-step{step:08d}-state", is_state=True)
                 old = step_to_remove(step, sv.save_every_n_steps,
                                      state_window(sv.save_last_n_steps_state, sv.save_last_n_steps))
                 self._remove_old(old and f"{sv.output_name}-step{old:08d}-state", True)
@@ -453,7 +453,6 @@ class Trainer:
             self._remove_old(old and ckpt.epoch_file_name(sv.output_name, old), False)
             if sv.save_state:
                 self.save_state(f"{sv.output_name}-{epoch_done:06d}-state")
-                self._upload(f"{sv.output_name}-{epoch_done:06d}-state", is_state=True)
                 old = epoch_to_remove(epoch_done, every, state_window(sv.save_last_n_epochs_state,
                                                                       sv.save_last_n_epochs))
                 self._remove_old(old and f"{sv.output_name}-{old:06d}-state", True)
@@ -500,7 +499,7 @@ class Trainer:
         self._stop.install()  # from here on SIGTERM stops at the next step boundary, after saving
         try:
             try:
-                self._epochs(bar, loss_log)
+                self._epochs(bar)
                 self._read_losses()  # before the final save: a pending non-finite step stops the run here
             finally:
                 try:
@@ -540,7 +539,6 @@ class Trainer:
                 acc.print(f"wrote {written}")
         if cfg.save.save_state or cfg.save.save_state_on_train_end:
             self.save_state(f"{cfg.save.output_name}-state")
-            self._upload(f"{cfg.save.output_name}-state", is_state=True)
         return out
 
     def _stopped_early(self, error: BaseException) -> BaseException | None:
@@ -584,7 +582,7 @@ class Trainer:
                                          "; nothing could be saved"))
         return None
 
-    def _epochs(self, bar: tqdm, loss_log: Any) -> None:
+    def _epochs(self, bar: tqdm) -> None:
         s, acc = self.s, self.s.accelerator
         accum = s.cfg.training.gradient_accumulation_steps
         self._boundary = (self.state.epoch, self.state.batch_in_epoch)
