@@ -1,7 +1,7 @@
 """Step time, images/s, peak memory and MFU of one LoRA training step, SDXL and FLUX, ours against diffusers + PEFT.
 
     python bench/bench_step_mfu.py --device cuda [--families sdxl,flux] [--resolution 1024] [--batch_sizes 1,4,8] \
-        [--gc off,on] [--dtype bf16] [--steps 6 --warmup 3] [--torch_compile] [--json out.json]
+        [--gc off,on] [--dtype bf16] [--steps 6 --warmup 3] [--torch_compile] [--json out.json] [--profile DIR]
     python bench/bench_step_mfu.py --tiny --device cpu        # the tiny models: a smoke run of the whole script
 
 Per configuration (family x batch size x gradient checkpointing) and variant, a subprocess builds the model (random
@@ -73,6 +73,7 @@ class StepConfig:
     torch_compile: bool
     flux_double: int | None
     flux_single: int | None
+    profile_dir: str | None = None  # --profile: one more step under torch.profiler, its trace written there
 
 
 def peak_tflops(device_name: str | None) -> float | None:
@@ -334,10 +335,35 @@ def run_variant(cfg: StepConfig, variant: str) -> dict[str, Any]:
     timed = times[cfg.warmup:]
     median = statistics.median(timed)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None
-    return {"variant": variant, "ran": True, "trainable_params": sum(p.numel() for p in params),
+    profile = profile_step(cfg, variant, step, sync) if cfg.profile_dir else None
+    return {"profile": profile, "variant": variant, "ran": True, "trainable_params": sum(p.numel() for p in params),
             "base_params": sum(p.numel() for p in model.parameters() if not p.requires_grad), "setup_s": setup_s,
             "flops_per_step": flops, "step_times_s": times, "median_step_s": median, "min_step_s": min(timed),
             "images_per_s": cfg.batch_size / median, "peak_memory_mib": peak, "losses": losses}
+
+
+def profile_step(cfg: StepConfig, variant: str, step: Callable[[], Any], sync: Callable[[], None]) -> dict[str, Any]:
+    """One more step under torch.profiler (after the timed ones, so that the timings carry no profiler overhead):
+    its Chrome trace (open in Perfetto or chrome://tracing) goes to `cfg.profile_dir`, gzipped, and the ops that
+    took the most time on the device (the host on a CPU run) come back in the JSON, to say where the step goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = cfg.device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync()
+    with profile(activities=activities, record_shapes=False) as prof:
+        step()
+        sync()
+    os.makedirs(cfg.profile_dir, exist_ok=True)
+    name = f"{cfg.family}_{cfg.resolution}px_b{cfg.batch_size}_gc{'on' if cfg.gradient_checkpointing else 'off'}"
+    trace = os.path.join(cfg.profile_dir, f"{name}_{variant}.trace.json.gz")
+    prof.export_chrome_trace(trace)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)
+    total = sum(getattr(e, key, 0.0) for e in events) or 1.0
+    top = [{"op": e.key, "self_ms": getattr(e, key, 0.0) / 1e3, "share": getattr(e, key, 0.0) / total,
+            "calls": e.count} for e in events[:15]]
+    return {"trace": trace, "time_source": "device" if cuda else "host", "top": top}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -411,6 +437,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--variant_timeout", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after the timed steps, profile one more step per variant; Chrome traces go to DIR")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -441,7 +469,8 @@ def configs(args: argparse.Namespace) -> list[StepConfig]:
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is available (use --device cpu, e.g. with --tiny)")
     return [StepConfig(f, args.tiny, resolution, b, gcs[g], args.dtype, args.device, args.rank, steps, warmup,
-                       args.seed, args.torch_compile, args.flux_double, args.flux_single)
+                       args.seed, args.torch_compile, args.flux_double, args.flux_single,
+                       os.path.abspath(args.profile) if args.profile else None)
             for f, b, g in itertools.product(families, batches, gc_values)]
 
 

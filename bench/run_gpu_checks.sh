@@ -4,16 +4,11 @@
 # and LLLite trainers on the tiny model. Wheels the GPU image lacks (diffusers, toml, pillow-heif) travel in .whl/.
 # Results go to $OUT (default ./gpu_out).
 set -euo pipefail
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+. bench/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+# no host sync from our code on the training step (torch's sync debug mode; issue #18)
+python3 -m pytest -q -s -p no:cacheprovider \
+  tests/test_step_readback.py::test_no_synchronising_cuda_call_from_our_code_on_the_step 2>&1 | tail -n 12 || true
 for gc in "" "--gradient_checkpointing"; do
   python3 bench/bench_lora_step.py --model sdxl-arch --resolution 1024 --batch_size 1 --rank 16 --steps 10 \
     --warmup 3 --dtype bf16 --device cuda $gc --json "$OUT/bench_bf16${gc:+_gc}.json" | tail -n 12

@@ -6,9 +6,7 @@
 #   summary.txt   flux_train_network.py runs with each flag: exit status, last line, GPU memory lines
 #   pytest.txt    tests/test_flux_lowvram.py (its CUDA-only test included)
 set -uo pipefail
-OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+. bench/gpu_env.sh
 T=/tmp/lv
 for sdpa in training all math; do
   python3 bench/flux_lowvram_diag.py --steps 3 --sdpa $sdpa 2>&1 | grep '^{' | sed "s/^{/{\"sdpa\": \"$sdpa\", /" | tee -a "$OUT/diag.jsonl"

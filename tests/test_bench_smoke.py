@@ -121,6 +121,26 @@ def test_step_mfu_tiny_cpu_runs_every_family_and_variant(tmp_path: Path):
     assert "GFLOP/step" in proc.stdout and "MFU" in proc.stdout
 
 
+def test_step_mfu_profile_writes_a_trace_and_the_top_ops(tmp_path: Path):
+    """--profile: one more step per variant under torch.profiler; a gzipped Chrome trace and the costliest ops."""
+    import gzip
+
+    out, traces = tmp_path / "mfu.json", tmp_path / "traces"
+    proc = run_script(MFU_SCRIPT, "--tiny", "--device", "cpu", "--families", "sdxl", "--batch_sizes", "1",
+                      "--gc", "off", "--variants", "ours", "--profile", str(traces), "--json", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text(encoding="utf-8"))["rows"]
+    prof = row["profile"]
+    assert Path(prof["trace"]) == traces / "sdxl_64px_b1_gcoff_ours.trace.json.gz"
+    with gzip.open(prof["trace"], "rt", encoding="utf-8") as f:
+        events = json.load(f)["traceEvents"]
+    assert any(e.get("name") == "aten::mm" for e in events)  # the LoRA's and the U-Net's matrix products
+    assert prof["time_source"] == "host" and 0 < len(prof["top"]) <= 15
+    shares = [t["share"] for t in prof["top"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    assert len(row["step_times_s"]) == 2  # the profiled step is not one of the timed ones
+
+
 def test_flop_counting_matches_hand_computed_linear_and_conv():
     import torch
 

@@ -86,19 +86,3 @@ def test_pin_tensors_only_with_cuda(monkeypatch):
     out = prefetch.pin_tensors(b)
     assert out is not b and pinned_calls == [torch.Size([2, 4])]
     assert torch.equal(out.latents, b.latents) and out.captions == ["a", "b"]
-
-
-def test_to_device_is_non_blocking_only_from_pinned_memory(monkeypatch):
-    seen = []
-    original = torch.Tensor.to
-
-    def spy(t, *a, **k):
-        seen.append(k.get("non_blocking"))
-        return original(t, *a, **k)
-
-    monkeypatch.setattr(torch.Tensor, "to", spy)
-    out = prefetch.to_device(torch.ones(3), "cpu", torch.float16)
-    assert out.dtype == torch.float16 and seen == [False]
-    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda t: True)
-    prefetch.to_device(torch.ones(3), "cpu")
-    assert seen == [False, True]

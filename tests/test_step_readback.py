@@ -163,3 +163,46 @@ def test_deferred_guard_stops_on_a_nan_gradient(tmp_path, tiny_sdxl_file, shapes
     assert not (tmp_path / "out" / "lora.safetensors").exists()  # the final network is not saved
     logged = [json.loads(line)["step"] for line in (tmp_path / "run_loss.jsonl").read_text().splitlines()]
     assert logged == [1, 3]  # read together at the end: the skipped step is not logged, the others are
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by bench/run_gpu_checks.sh)")
+def test_no_synchronising_cuda_call_from_our_code_on_the_step(tmp_path, tiny_sdxl_file, shapes_dataset, monkeypatch):
+    """With torch's sync debug mode on from the end of step 1 (lazy set-up done) to the end of the loop, every call
+    that makes the host wait for the GPU is reported with the Python line that made it. Of ours (library/,
+    networks/), only the grouped loss read-back may appear; whatever else reports one is printed."""
+    import sdxl_train_network
+    from library.train import loop
+    from test_train_sdxl_network import run_toml
+
+    monkeypatch.setattr(loop, "PendingLosses", functools.partial(PendingLosses, every_s=math.inf, max_steps=3))
+    original_after, original_epochs = loop.Trainer._after_step, loop.Trainer._epochs
+
+    def after_step(self, *a, **k):
+        out = original_after(self, *a, **k)
+        if self.state.global_step == 1:
+            torch.cuda.set_sync_debug_mode("warn")
+        return out
+
+    def epochs(self, *a, **k):
+        try:
+            return original_epochs(self, *a, **k)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(loop.Trainer, "_after_step", after_step)
+    monkeypatch.setattr(loop.Trainer, "_epochs", epochs)
+    cfg = run_toml(tmp_path, tiny_sdxl_file, shapes_dataset["config"], max_train_steps=7, network_train_unet_only=True,
+                   cache_latents=True, cache_text_encoder_outputs=True, mixed_precision="bf16",
+                   optimizer_args=["fused=True"])
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert sdxl_train_network.main(["--config_file", cfg]) == 0
+    syncs = [(Path(w.filename), w.lineno) for w in caught if "synchroniz" in str(w.message).lower()]
+    print("\n".join(f"{f}:{n}" for f, n in syncs))
+    root = Path(__file__).resolve().parents[1]
+    ours = [(f, n) for f, n in syncs if f.resolve().is_relative_to(root / "library")
+            or f.resolve().is_relative_to(root / "networks")]
+    assert all(f.name == "readback.py" for f, _ in ours), ours
+    assert len(ours) <= 3  # steps 2-7 read in groups of 3 (one sync each), the rest at the end

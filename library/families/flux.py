@@ -21,6 +21,7 @@ import torch
 
 from library.config.flux_config import FluxConfig, FluxModelConfig
 from library.config.model_flags import ModelConfig
+from library.device_copy import to_device
 from library.errors import UserError
 from library.families import noise as noise_lib
 from library.families.flux_latents import KONTEXT_CONTROL_INDEX, image_ids, pack_latents, unpack_latents
@@ -146,8 +147,8 @@ class FluxFamily(ModelFamily[FluxFamilyModels]):
 
     def _encode_clip(self, models: FluxFamilyModels, captions: list[str]) -> torch.Tensor:
         clip, tok_clip = models.text_encoders[0], models.tokenizers[0]
-        ids = tok_clip(captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
-                       return_tensors="pt").input_ids.to(next(clip.parameters()).device)
+        ids = to_device(tok_clip(captions, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
+                                 return_tensors="pt").input_ids, next(clip.parameters()).device)
         return clip(ids, output_hidden_states=False).pooler_output
 
     def _encode_t5(self, models: FluxFamilyModels, captions: list[str]) -> TextOutputs:
@@ -156,7 +157,7 @@ class FluxFamily(ModelFamily[FluxFamilyModels]):
         device = next(t5.parameters()).device
         tok = tok_t5(captions, padding="max_length", max_length=models.t5_max_length, truncation=True,
                      return_tensors="pt")
-        t5_ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
+        t5_ids, mask = to_device(tok.input_ids, device), to_device(tok.attention_mask, device)
         hidden = t5(t5_ids, attention_mask=mask if fcfg.apply_t5_attn_mask else None).last_hidden_state
         if fcfg.apply_t5_attn_mask:
             hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
@@ -177,7 +178,8 @@ class FluxFamily(ModelFamily[FluxFamilyModels]):
         if not sample:
             z = dist.mode()
         elif generators is not None:
-            z = dist.mean + dist.std * noise_lib.randn(tuple(dist.mean.shape), generators).to(dist.mean)
+            z = dist.mean + dist.std * to_device(noise_lib.randn(tuple(dist.mean.shape), generators), dist.mean.device,
+                                                 dist.mean.dtype, pin=True)
         else:
             z = dist.sample()
         return (z - ae.config.shift_factor) * ae.config.scaling_factor
@@ -190,7 +192,7 @@ class FluxFamily(ModelFamily[FluxFamilyModels]):
         self._warn_unused(cfg)
         noise = noise_lib.sample_noise(latents, generator, None)
         seq_len = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
-        t = sample_sigmas(latents.shape[0], generator, self.flux, seq_len).to(latents.device)
+        t = to_device(sample_sigmas(latents.shape[0], generator, self.flux, seq_len), latents.device)
         tb = t.view(-1, 1, 1, 1).to(latents.dtype)
         noised_with = noise_lib.perturbed_noise(noise, generator, getattr(cfg, "ip_noise_gamma", None),
                                                 getattr(cfg, "ip_noise_gamma_random_strength", False))

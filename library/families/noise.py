@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from library.device_copy import to_device
+
 
 def ddpm_alphas_cumprod(num_steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
     """SD/SDXL's scaled-linear schedule."""
@@ -49,17 +51,17 @@ def sample_noise(latents: torch.Tensor, generators, noise_offset: float | None,
     constant lets the model learn very dark / bright images. `random_strength` (--noise_offset_random_strength)
     draws the offset's strength uniformly in [0, noise_offset); `adaptive_noise_scale` adds that much of each
     channel's absolute latent mean to it (clamped at 0 from below)."""
-    noise = randn(tuple(latents.shape), generators).to(latents.device, latents.dtype)
+    noise = to_device(randn(tuple(latents.shape), generators), latents.device, latents.dtype, pin=True)
     if noise_offset:
         b = latents.shape[0]
         strength: Any = noise_offset
         if random_strength:
-            strength = (rand(b, generators) * noise_offset).to(latents.device, latents.dtype).view(b, 1, 1, 1)
+            strength = to_device(rand(b, generators) * noise_offset, latents.device, latents.dtype).view(b, 1, 1, 1)
         if adaptive_noise_scale is not None:
             channel_mean = latents.mean(dim=(2, 3), keepdim=True).abs()
             strength = torch.clamp(strength + adaptive_noise_scale * channel_mean, min=0.0)
         offset = randn((b, latents.shape[1], 1, 1), generators)
-        noise = noise + strength * offset.to(latents.device, latents.dtype)
+        noise = noise + strength * to_device(offset, latents.device, latents.dtype)
     return noise
 
 
@@ -78,7 +80,7 @@ def pyramid_noise(noise: torch.Tensor, generators, iterations: int, discount: fl
         for i in range(iterations):
             r = float(torch.rand((), generator=g)) * 2 + 2
             hn, wn = max(1, int(h / r ** i)), max(1, int(w / r ** i))
-            level = torch.randn((1, c, hn, wn), generator=g).to(x.device)
+            level = to_device(torch.randn((1, c, hn, wn), generator=g), x.device)
             x = x + F.interpolate(level, size=(h, w), mode="bilinear") * discount ** i
             if hn == 1 or wn == 1:
                 break
@@ -100,8 +102,8 @@ def perturbed_noise(noise: torch.Tensor, generators, gamma: float | None, random
         return noise
     b = noise.shape[0]
     strength = perturbation_strength(b, generators, gamma, random_strength)
-    extra = randn(tuple(noise.shape), generators).to(noise.device, noise.dtype)
-    return noise + strength.to(noise.device, noise.dtype).view(b, 1, 1, 1) * extra
+    extra = to_device(randn(tuple(noise.shape), generators), noise.device, noise.dtype, pin=True)
+    return noise + to_device(strength, noise.device, noise.dtype).view(b, 1, 1, 1) * extra
 
 
 def sample_timesteps(batch: int, generators, min_t: int, max_t: int, device: torch.device) -> torch.Tensor:
@@ -111,7 +113,8 @@ def sample_timesteps(batch: int, generators, min_t: int, max_t: int, device: tor
         raise ValueError(f"--min_timestep {min_t} is above --max_timestep {max_t}")
     if min_t == max_t:
         return torch.full((batch,), int(max_t), dtype=torch.long, device=device)
-    return _per_sample(lambda b, g: torch.randint(min_t, max_t, (b,), generator=g), batch, generators).to(device)
+    return to_device(_per_sample(lambda b, g: torch.randint(min_t, max_t, (b,), generator=g), batch, generators),
+                     device)
 
 
 def zero_terminal_snr_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:

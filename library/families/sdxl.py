@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Callable, Literal
 import torch
 
 from library.config.model_flags import ModelConfig
+from library.device_copy import to_device
 from library.errors import UserError
 from library.families import noise as noise_lib
 from library.families.interface import (FamilyModels, ModelFamily, NoisyInput, SampleRequest, TextOutputs,
@@ -54,6 +55,7 @@ class SDXLFamily(ModelFamily[SDXLFamilyModels]):
         super().__init__(config)
         self.alphas_cumprod = noise_lib.ddpm_alphas_cumprod()
         self._zero_snr: torch.Tensor | None = None
+        self._schedule_on_device: dict[tuple[str, bool], torch.Tensor] = {}
 
     @property
     def v_prediction(self) -> bool:
@@ -104,10 +106,10 @@ class SDXLFamily(ModelFamily[SDXLFamilyModels]):
 
             return encode_captions(models.text_encoders, models.tokenizers, captions, opts)
         device = next(te1.parameters()).device
-        ids1 = tok1(captions, padding="max_length", max_length=tok1.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(device)
-        ids2 = tok2(captions, padding="max_length", max_length=tok2.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(device)
+        ids1 = to_device(tok1(captions, padding="max_length", max_length=tok1.model_max_length, truncation=True,
+                              return_tensors="pt").input_ids, device)
+        ids2 = to_device(tok2(captions, padding="max_length", max_length=tok2.model_max_length, truncation=True,
+                              return_tensors="pt").input_ids, device)
         out1 = te1(ids1, output_hidden_states=True)
         out2 = te2(ids2, output_hidden_states=True)
         # SDXL conditions on the penultimate layer of both encoders and on CLIP-G's pooled projection
@@ -121,23 +123,30 @@ class SDXLFamily(ModelFamily[SDXLFamilyModels]):
         if generators is None:
             latents = dist.sample()
         else:  # per-sample draws: the same latents however the batch is split across processes
-            latents = dist.mean + dist.std * noise_lib.randn(tuple(dist.mean.shape), generators).to(dist.mean)
+            latents = dist.mean + dist.std * to_device(noise_lib.randn(tuple(dist.mean.shape), generators),
+                                                       dist.mean.device, dist.mean.dtype, pin=True)
         return latents * getattr(vae.config, "scaling_factor", SDXL_VAE_SCALE)
 
     # --- noise and prediction -----------------------------------------------------------------------------------
-    def training_alphas_cumprod(self, cfg: TrainingConfig) -> torch.Tensor:
-        """The training noise schedule: SDXL's, rescaled to zero terminal SNR with --zero_terminal_snr."""
-        if getattr(cfg, "zero_terminal_snr", False):
-            if self._zero_snr is None:
-                self._zero_snr = noise_lib.zero_terminal_snr_alphas_cumprod(self.alphas_cumprod)
-            return self._zero_snr
-        return self.alphas_cumprod
+    def training_alphas_cumprod(self, cfg: TrainingConfig, device: torch.device | None = None) -> torch.Tensor:
+        """The training noise schedule: SDXL's, rescaled to zero terminal SNR with --zero_terminal_snr. On `device`,
+        it is copied there once per run: the step's schedule lookups then never copy it from the host again."""
+        zero_snr = bool(getattr(cfg, "zero_terminal_snr", False))
+        if zero_snr and self._zero_snr is None:
+            self._zero_snr = noise_lib.zero_terminal_snr_alphas_cumprod(self.alphas_cumprod)
+        schedule = self._zero_snr if zero_snr and self._zero_snr is not None else self.alphas_cumprod
+        if device is None:
+            return schedule
+        key = (str(device), zero_snr)
+        if key not in self._schedule_on_device:
+            self._schedule_on_device[key] = schedule.to(device)
+        return self._schedule_on_device[key]
 
     def noise_and_timesteps(self, latents: torch.Tensor, generator: torch.Generator | list[torch.Generator],
                             cfg: TrainingConfig) -> NoisyInput:
         """sd-scripts' order of operations: noise (+ offset, + pyramid noise), timesteps, then the noisy input, which
         alone gets the --ip_noise_gamma perturbation. Draws that only a flag makes come after the default ones."""
-        ac = self.training_alphas_cumprod(cfg)
+        ac = self.training_alphas_cumprod(cfg, latents.device)
         noise = noise_lib.sample_noise(latents, generator, cfg.noise_offset,
                                        getattr(cfg, "adaptive_noise_scale", None),
                                        getattr(cfg, "noise_offset_random_strength", False))
@@ -152,7 +161,7 @@ class SDXLFamily(ModelFamily[SDXLFamilyModels]):
 
     def predict(self, models: SDXLFamilyModels, inp: NoisyInput, text: TextOutputs, batch: Batch) -> torch.Tensor:
         unet = models.denoiser
-        time_ids = size_condition_ids(batch).to(inp.noisy.device, inp.noisy.dtype)
+        time_ids = to_device(size_condition_ids(batch), inp.noisy.device, inp.noisy.dtype)
         added = {"text_embeds": text["pooled"].to(inp.noisy.dtype), "time_ids": time_ids}
         return unet(inp.noisy, inp.timesteps, text["encoder_hidden_states"].to(inp.noisy.dtype),
                     added_cond_kwargs=added).sample

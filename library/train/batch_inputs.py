@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from library.train.prefetch import to_device
+from library.device_copy import to_device
 
 if TYPE_CHECKING:
     from library.train.session import Session
@@ -31,7 +31,7 @@ def batch_latents(session: Session, batch: Any, gens: list[torch.Generator]) -> 
     if batch.latents is not None:
         return to_device(batch.latents, s.accelerator.device, s.weight_dtype)  # pinned by the prefetcher
     with torch.no_grad():
-        return s.family.encode_images(s.models, batch.images.to(s.accelerator.device), gens).to(s.weight_dtype)
+        return s.family.encode_images(s.models, to_device(batch.images, s.accelerator.device), gens).to(s.weight_dtype)
 
 
 def _stacked(tensors: list[torch.Tensor], pin: bool) -> torch.Tensor:

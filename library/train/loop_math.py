@@ -6,6 +6,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from library.device_copy import to_device
 from library.families.noise import HUBER_SCHEDULES, huber_threshold  # noqa: F401 (re-exported)
 
 
@@ -46,11 +47,11 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | No
                weights: torch.Tensor | None) -> torch.Tensor:
     loss = F.mse_loss(pred.float(), target.float(), reduction="none")
     if mask is not None:  # alpha mask in pixel space -> latent resolution
-        m = F.interpolate(mask.unsqueeze(1).float(), size=loss.shape[-2:], mode="area").to(loss.device)
+        m = F.interpolate(to_device(mask, loss.device).unsqueeze(1).float(), size=loss.shape[-2:], mode="area")
         loss = loss * m
     loss = loss.mean(dim=list(range(1, loss.ndim)))
     if weights is not None:
-        loss = loss * weights.to(loss.device)
+        loss = loss * to_device(weights, loss.device)
     return loss.mean()
 
 
@@ -68,7 +69,7 @@ def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = 
     if loss_type in ("huber", "smooth_l1"):
         if threshold is None:
             raise ValueError(f"--loss_type {loss_type} needs a threshold (huber_threshold)")
-        c = threshold.to(pred.device).float().view(-1, *([1] * (pred.ndim - 1)))
+        c = to_device(threshold, pred.device).float().view(-1, *([1] * (pred.ndim - 1)))
         core = torch.sqrt((pred - target) ** 2 + c ** 2) - c
         return 2 * c * core if loss_type == "huber" else 2 * core
     raise ValueError(f"unknown loss type {loss_type!r}; expected one of {LOSS_TYPES}")
@@ -93,11 +94,11 @@ def training_loss(pred: torch.Tensor, target: torch.Tensor, *, loss_type: str = 
     this is `masked_mse` exactly, operation for operation."""
     loss = elementwise_loss(pred, target, loss_type, threshold)
     if mask is not None:  # pixel space -> latent resolution
-        m = F.interpolate(mask.unsqueeze(1).float(), size=loss.shape[-2:], mode="area").to(loss.device)
+        m = F.interpolate(to_device(mask, loss.device).unsqueeze(1).float(), size=loss.shape[-2:], mode="area")
         loss = loss * m
     loss = loss.mean(dim=list(range(1, loss.ndim)))
     if sample_weights is not None:
-        loss = loss * sample_weights.to(loss.device, loss.dtype)
+        loss = loss * to_device(sample_weights, loss.device, loss.dtype)
     if weights is not None:
-        loss = loss * weights.to(loss.device)
+        loss = loss * to_device(weights, loss.device)
     return loss.mean()

@@ -87,8 +87,3 @@ def pin_tensors(obj: T) -> T:
         if isinstance(value, torch.Tensor) and value.device.type == "cpu" and not value.is_pinned():
             changes[f.name] = value.pin_memory()
     return dataclasses.replace(obj, **changes) if changes else obj
-
-
-def to_device(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`t.to(device, dtype)`, without blocking the host when `t` is pinned (the copy is ordered on the stream)."""
-    return t.to(device=device, dtype=dtype, non_blocking=t.device.type == "cpu" and t.is_pinned())

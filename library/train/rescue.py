@@ -10,8 +10,9 @@ SIGTERM is turned into a flag that the loop checks between optimizer steps, so a
 then saves and exits with 143 (128 + SIGTERM), the code schedulers expect from a terminated job.
 
 Multi-process runs: saving the state is collective (every process writes its RNG state, with barriers). A SIGTERM
-is agreed on by all processes at the same step (the flag is summed over the processes at each step), so they all
-save together. An error on one process is not: the others may be blocked in a collective or have failed
+is agreed on by all processes at the same step, so they all save together: the flags are summed over the processes
+at each step boundary and the sum is read at the next one (reading it at once would make the host wait for the GPU
+at every step), so a run stops one or two steps after the signal, every process at the same step. An error on one process is not: the others may be blocked in a collective or have failed
 elsewhere, so a barrier could hang. Then only the main process saves, the weights alone, without barriers (the
 network is replicated, so its copy is the one every process holds), and the state is not saved.
 """
@@ -27,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 
+from library.device_copy import to_device
 from library.errors import UserError
 
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM  # 143
@@ -45,6 +47,7 @@ class StopSignal:
         self.received = False
         self._previous: Any = None
         self._installed = False
+        self._in_flight: _ReducedFlag | None = None
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = True
@@ -62,12 +65,34 @@ class StopSignal:
             self._installed = False
 
     def agreed(self, accelerator: Any) -> bool:
-        """True when any process got SIGTERM. Every process calls this at the same step boundary, so all of them
-        stop at the same step and can save collectively."""
+        """True when any process got SIGTERM. Every process calls this at the same step boundaries, so all of them
+        stop at the same step and can save collectively. With several processes, the answer is the sum started at
+        the previous boundary (see the module docstring)."""
         if accelerator.num_processes == 1:
             return self.received
-        flag = torch.tensor([1.0 if self.received else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        flag = to_device(torch.tensor([1.0 if self.received else 0.0]), accelerator.device)
+        previous, self._in_flight = self._in_flight, _ReducedFlag(accelerator.reduce(flag, reduction="sum"))
+        return previous is not None and previous.value() > 0
+
+
+class _ReducedFlag:
+    """An all-reduced flag on its way to the host. On a GPU the copy is queued right behind the all-reduce, with an
+    event: reading it waits for that event only, not for the step queued after it."""
+
+    def __init__(self, reduced: torch.Tensor):
+        self._event: Any = None
+        if reduced.device.type == "cuda":
+            self._host = torch.empty(reduced.shape, dtype=reduced.dtype, pin_memory=True)
+            self._host.copy_(reduced, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = reduced
+
+    def value(self) -> float:
+        if self._event is not None:
+            self._event.synchronize()
+        return float(self._host.sum())
 
 
 def rescue_folders(output_dir: str, output_name: str) -> list[str]:
