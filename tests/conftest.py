@@ -3,6 +3,7 @@ session; small helpers the tests share."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,14 @@ def save_random_lora(network, path: Path, seed: int = 3, scale: float = 0.5) -> 
     randomize_lora_up(network, seed=seed, scale=scale)
     network.save_weights(str(path))
     return str(path)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for torchrun's rendezvous: a fixed port fails the test whenever something
+    else holds it (another run on the machine, a previous test's socket in TIME_WAIT)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def write_toml(path: Path, text: str) -> str:

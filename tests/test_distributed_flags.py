@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import REPO, build_shapes_dataset, run_script
+from conftest import REPO, build_shapes_dataset, free_port, run_script
 from test_flux_train import flux_toml
 from test_train_sdxl_network import read_losses, run_toml
 
@@ -287,7 +287,7 @@ def test_torchrun_with_ddp_flags_and_zero3_shards_the_flux_transformer(tmp_path,
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1")
-    r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29583", str(REPO / "flux_train_network.py"),
+    r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(REPO / "flux_train_network.py"),
                         "--config_file", cfg], cwd=str(tmp_path), env=env, capture_output=True, text=True,
                        timeout=600)
     out = r.stdout + r.stderr

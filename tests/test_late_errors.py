@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO, run_script
+from conftest import REPO, free_port, run_script
 from test_train_sdxl_network import read_losses, run_toml
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -303,7 +303,7 @@ def test_error_on_one_of_two_processes_saves_the_network_without_hanging(tmp_pat
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1")
-    r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29573", str(REPO / SCRIPT),
+    r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(REPO / SCRIPT),
                         "--config_file", cfg], cwd=str(tmp_path), env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode != 0
@@ -325,7 +325,7 @@ def test_sigterm_to_torchrun_saves_weights_and_state_from_both_processes(tmp_pat
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1")
-    proc, err = _sigterm_after_first_step([torchrun, "--nproc_per_node", "2", "--master_port", "29583",
+    proc, err = _sigterm_after_first_step([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()),
                                            "--shutdown_timeout", "300", str(REPO / SCRIPT), "--config_file", cfg],
                                           tmp_path, env, log)
     assert proc.returncode != 0

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_script, write_toml
+from conftest import REPO, free_port, run_script, write_toml
 from test_train_sdxl_network import read_losses, run_toml
 
 
@@ -104,10 +104,10 @@ def _initial_network(tmp_path, script: str, make_run, model, values: dict) -> di
     return load_file(str(tmp_path / "start" / "lora.safetensors"))
 
 
-def _torchrun(tmp_path, script: str, cfg: str, port: int) -> subprocess.CompletedProcess:
+def _torchrun(tmp_path, script: str, cfg: str) -> subprocess.CompletedProcess:
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port), str(REPO / script),
+    return subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(REPO / script),
                            "--config_file", cfg], cwd=str(tmp_path), env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -125,7 +125,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, trainer,
     assert r.returncode == 0, r.stderr[-3000:]
 
     two = make_run(tmp_path, model, _dataset(tmp_path, 2), "two", **common)
-    r = _torchrun(tmp_path, script, two, 29517 + list(TRAINERS).index(trainer))
+    r = _torchrun(tmp_path, script, two)
     assert r.returncode == 0, r.stderr[-4000:]
     out = r.stdout + r.stderr
     assert "2 per device x 2 process(es)" in out
@@ -162,7 +162,7 @@ def test_repeated_two_process_runs_exit_cleanly(tmp_path, tiny_sdxl_file):
     ds = _dataset(tmp_path, 2)
     for i in range(5):
         cfg = _sdxl_run(tmp_path, tiny_sdxl_file, ds, f"rep{i}", max_train_steps=1)
-        r = _torchrun(tmp_path, "sdxl_train_network.py", cfg, 29541 + i)
+        r = _torchrun(tmp_path, "sdxl_train_network.py", cfg)
         assert r.returncode == 0, (i, r.stderr[-3000:])
         assert "Traceback" not in r.stderr
 
@@ -196,7 +196,7 @@ def test_fsdp_config_shards_the_flux_transformer_and_trains_like_one_process(tmp
 
     two = _flux_run(tmp_path, tiny_flux_single, _dataset(tmp_path, 2), "two", **common)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29561",
+    r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()),
                         str(REPO / "flux_train_network.py"), "--config_file", two], cwd=str(tmp_path),
                        env=dict(os.environ, **env, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
                                 TOKENIZERS_PARALLELISM="false"),
