@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,13 @@ def _throughput(loss_log: Path, global_batch: int, skip: int = 3) -> float:
     return global_batch * (len(times) - 1 - skip) / (times[-1] - times[skip])
 
 
+def _free_port() -> int:
+    """A port nobody listens on now: a fixed one fails the run whenever something else on the machine holds it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _run(work: Path, nproc: int, args: argparse.Namespace, model: str, images: str) -> float:
     ds = work / f"ds_{nproc}.toml"
     ds.write_text(f"[general]\ncaption_extension = '.txt'\n[[datasets]]\nresolution = {args.resolution}\n"
@@ -41,7 +49,7 @@ def _run(work: Path, nproc: int, args: argparse.Namespace, model: str, images: s
     else:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or nproc) // nproc))
         cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", str(nproc),
-               "--master_port", "29611", str(REPO / "sdxl_train_network.py"), *flags]
+               "--master_port", str(_free_port()), str(REPO / "sdxl_train_network.py"), *flags]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{nproc}-process run failed:\n{r.stderr[-3000:]}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -194,8 +195,6 @@ def test_no_synchronising_cuda_call_from_our_code_on_the_step(tmp_path, tiny_sdx
     cfg = run_toml(tmp_path, tiny_sdxl_file, shapes_dataset["config"], max_train_steps=7, network_train_unet_only=True,
                    cache_latents=True, cache_text_encoder_outputs=True, mixed_precision="bf16",
                    optimizer_args=["fused=True"])
-    import warnings
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert sdxl_train_network.main(["--config_file", cfg]) == 0

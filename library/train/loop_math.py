@@ -43,12 +43,17 @@ def nonfinite_grads(named_params: list[tuple[str, torch.nn.Parameter]], limit: i
     return [n for (n, _), ok in zip(with_grad, finite.tolist()) if not ok][:limit]
 
 
+def mask_at_latent_size(mask: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """A pixel-space mask [B,H,W] averaged down to the element-wise loss's latent grid [B,1,h,w], on its device:
+    area averaging keeps a soft edge as the fraction of each latent cell the mask covers."""
+    return F.interpolate(to_device(mask, loss.device).unsqueeze(1).float(), size=loss.shape[-2:], mode="area")
+
+
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
                weights: torch.Tensor | None) -> torch.Tensor:
     loss = F.mse_loss(pred.float(), target.float(), reduction="none")
-    if mask is not None:  # alpha mask in pixel space -> latent resolution
-        m = F.interpolate(to_device(mask, loss.device).unsqueeze(1).float(), size=loss.shape[-2:], mode="area")
-        loss = loss * m
+    if mask is not None:
+        loss = loss * mask_at_latent_size(mask, loss)
     loss = loss.mean(dim=list(range(1, loss.ndim)))
     if weights is not None:
         loss = loss * to_device(weights, loss.device)
@@ -93,9 +98,8 @@ def training_loss(pred: torch.Tensor, target: torch.Tensor, *, loss_type: str = 
     images), the family's per-sample weights (min-SNR and friends), the batch mean. With l2 and no mask and weights
     this is `masked_mse` exactly, operation for operation."""
     loss = elementwise_loss(pred, target, loss_type, threshold)
-    if mask is not None:  # pixel space -> latent resolution
-        m = F.interpolate(to_device(mask, loss.device).unsqueeze(1).float(), size=loss.shape[-2:], mode="area")
-        loss = loss * m
+    if mask is not None:
+        loss = loss * mask_at_latent_size(mask, loss)
     loss = loss.mean(dim=list(range(1, loss.ndim)))
     if sample_weights is not None:
         loss = loss * to_device(sample_weights, loss.device, loss.dtype)

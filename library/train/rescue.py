@@ -12,9 +12,10 @@ then saves and exits with 143 (128 + SIGTERM), the code schedulers expect from a
 Multi-process runs: saving the state is collective (every process writes its RNG state, with barriers). A SIGTERM
 is agreed on by all processes at the same step, so they all save together: the flags are summed over the processes
 at each step boundary and the sum is read at the next one (reading it at once would make the host wait for the GPU
-at every step), so a run stops one or two steps after the signal, every process at the same step. An error on one process is not: the others may be blocked in a collective or have failed
-elsewhere, so a barrier could hang. Then only the main process saves, the weights alone, without barriers (the
-network is replicated, so its copy is the one every process holds), and the state is not saved.
+at every step), so a run stops one or two steps after the signal, every process at the same step. An error on one
+process is not agreed on: the others may be blocked in a collective or have failed elsewhere, so a barrier could
+hang. Then only the main process saves, the weights alone, without barriers (the network is replicated, so its
+copy is the one every process holds), and the state is not saved.
 """
 from __future__ import annotations
 
