@@ -263,7 +263,7 @@ class Trainer:
         if acc.sync_gradients:
             if world > 1:
                 all_reduce_mean_(params)
-            if self._guard.deferred:  # the optimizer skips the step on the device if the flag is set
+            if self._guard.deferred:  # the step is skipped or undone on the device if the flag is set
                 self._step_flag = self._guard.arm(loss if local else None, params)
             else:
                 self._check_gradients()

@@ -11,7 +11,10 @@ The guard against stepping on a NaN (`NonFiniteGuard`): a non-finite loss or gra
 Deciding that on the host needs a read per optimizer step. When the optimizer can skip a step on the device
 (torch's fused Adam/AdamW/SGD/Adagrad read a `found_inf` tensor, as the fp16 grad scaler uses them), the guard hands
 it the flag instead: the step is skipped on the device, the flag waits with the step's loss, and the run stops with
-the same message at the next read. Other optimizers keep the per-step read (one sync per step).
+the same message at the next read. Optimizers whose state is all tensors (bitsandbytes' 8-bit ones, torch's without
+`fused`) step anyway on CUDA and have the step undone on the device when the flag is set (step_restore.py); the run
+stops at the next read in the same way. The rest (Prodigy, D-Adaptation, Adafactor, schedule-free) keep the per-step
+read (one sync per step), as does the first step of any optimizer (its state does not exist before it).
 """
 from __future__ import annotations
 
@@ -88,18 +91,38 @@ class NonFiniteGuard:
     """Stops training before an optimizer step on a non-finite loss or gradient (see the module docstring)."""
 
     def __init__(self, optimizer: Any, scaler_active: bool):
+        from library.train.step_restore import StepRestore, supports_device_restore
+
         self._inner = getattr(optimizer, "optimizer", optimizer)
-        self.deferred = not scaler_active and supports_device_skip(optimizer)
+        self._found_inf = not scaler_active and supports_device_skip(optimizer)
+        self._restore = (StepRestore(self._inner) if not scaler_active and not self._found_inf
+                         and supports_device_restore(optimizer) else None)
+        self._armed: torch.Tensor | None = None
+
+    @property
+    def deferred(self) -> bool:
+        """Whether this step's check stays on the device (the flag is read with the step's loss)."""
+        return self._found_inf or (self._restore is not None and self._restore.ready())
 
     def arm(self, loss: torch.Tensor | None, params: list[torch.nn.Parameter]) -> torch.Tensor:
-        """Deferred mode: the flag of this step, handed to the optimizer so that it skips the step if set."""
+        """Deferred mode, before the step: the flag of this step, handed to the optimizer so that it skips the step
+        (fused optimizers), or kept to undo the step after it (the others: a snapshot is taken now)."""
         flag = nonfinite_flag(loss, [p.grad for p in params if p.grad is not None])
-        self._inner.found_inf = flag
+        if self._found_inf:
+            self._inner.found_inf = flag
+        elif self._restore is not None:
+            self._restore.snapshot()
+            self._armed = flag
         return flag
 
     def disarm(self) -> None:
-        """After the step (only what `arm` set: the fp16 grad scaler sets and removes its own `found_inf`)."""
-        if self.deferred and hasattr(self._inner, "found_inf"):
+        """After the step: undo it where the flag is set, or remove the flag `arm` handed over (the fp16 grad scaler
+        sets and removes its own `found_inf`)."""
+        if self._armed is not None:
+            assert self._restore is not None
+            self._restore.restore(self._armed)
+            self._armed = None
+        elif self._found_inf and hasattr(self._inner, "found_inf"):
             del self._inner.found_inf
 
 
