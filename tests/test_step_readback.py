@@ -86,6 +86,24 @@ def test_fused_adamw_skips_a_non_finite_step_on_the_device():
     assert float(readback.nonfinite_flag(torch.tensor(float("inf")), [])) == 1.0
 
 
+@pytest.mark.parametrize("bad", [None, "nan", "inf", "-inf", "loss"])
+def test_nonfinite_flag_is_exactly_0_or_1_and_leaves_the_gradients_alone(bad):
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, 7, generator=g), torch.randn(300, generator=g).bfloat16(), torch.randn(2, generator=g)]
+    grads[0][1, 2] = -0.0
+    if bad in ("nan", "inf", "-inf"):
+        grads[1][17] = float(bad)
+    before = [t.clone() for t in grads]
+    loss = torch.tensor(float("inf") if bad == "loss" else 0.5)
+    flag = readback.nonfinite_flag(loss, grads)
+    assert flag.shape == () and flag.dtype == torch.float32
+    assert float(flag) == (0.0 if bad is None else 1.0)  # fused optimizers skip only when found_inf == 1
+    for a, b in zip(grads, before):  # the check scales by 1: every value is kept (-0.0 too; a NaN stays a NaN)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(a.signbit()[b.isfinite()], b.signbit()[b.isfinite()])
+    assert float(readback.nonfinite_flag(None, [])) == 0.0
+
+
 class SyncCounter:
     """Counts host read-backs of tensors while `active`."""
 
