@@ -55,6 +55,9 @@ def test_restore_is_meant_for_cuda_and_tensor_only_optimizers(on_cpu, monkeypatc
     params = list(_model().parameters())
     assert supports_device_restore(torch.optim.AdamW(params, lr=1e-3, foreach=False))
     assert not supports_device_restore(torch.optim.LBFGS(params))  # its state is not only tensors
+    bnb = pytest.importorskip("bitsandbytes")
+    assert supports_device_restore(bnb.optim.AdamW8bit(params, lr=1e-3))
+    assert not supports_device_restore(bnb.optim.PagedAdamW8bit(params, lr=1e-3))  # a snapshot would undo paging
     monkeypatch.setattr(step_restore, "RESTORE_DEVICES", ("cuda",))
     assert not supports_device_restore(torch.optim.AdamW(params, lr=1e-3, foreach=False))  # on the CPU: host read
 

@@ -43,19 +43,20 @@ def _trainable(optimizer: Any) -> list[torch.Tensor]:
 
 
 def _restorable_type(optimizer: Any) -> bool:
-    # bitsandbytes' optimizers (Optimizer1State/Optimizer2State and their 8-bit, paged and 32-bit forms) keep their
-    # moments, quantisation maps and scales as tensors and only `step` as an int
+    # bitsandbytes' optimizers (Optimizer1State/Optimizer2State: 8-bit and 32-bit) keep their moments, quantisation
+    # maps and scales as tensors and only `step` as an int. Not the paged ones: their state lives in memory the GPU
+    # pages out, and a snapshot on the GPU would take back the memory paging saves.
     if type(optimizer).__module__.split(".")[0] == "bitsandbytes":
-        return True
+        return not getattr(optimizer, "is_paged", False)
     return isinstance(optimizer, RESTORABLE_TORCH_OPTIMIZERS)
 
 
 def supports_device_restore(optimizer: Any) -> bool:
     """Whether a non-finite step of `optimizer` (or the one accelerate wraps) is undone on the device rather than
-    checked on the host before the step."""
+    checked on the host before the step. Plain tensors only: sharded ones (FSDP's DTensors) keep the host check."""
     inner = getattr(optimizer, "optimizer", optimizer)
     params = _trainable(inner)
-    return (bool(params) and all(p.device.type in RESTORE_DEVICES for p in params)
+    return (bool(params) and all(p.device.type in RESTORE_DEVICES and type(p.data) is torch.Tensor for p in params)
             and _restorable_type(inner))
 
 
