@@ -103,6 +103,19 @@ def test_guarded_steps_equal_plain_ones_and_a_nan_step_changes_nothing(on_cpu, k
     assert all(torch.isfinite(p).all() for p in params)
 
 
+def test_a_shared_state_tensor_is_snapshotted_once(on_cpu):
+    bnb = pytest.importorskip("bitsandbytes")
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64, bias=False), torch.nn.Linear(64, 128, bias=False))
+    opt = bnb.optim.AdamW8bit(model.parameters(), lr=1e-2)  # both weights are 8-bit (8192 elements each)
+    _grads(model, 0)
+    opt.step()
+    tensors = StepRestore(opt)._tensors()
+    assert len({id(t) for t in tensors}) == len(tensors)
+    maps = [s["qmap1"] for s in opt.state.values()]  # bitsandbytes 0.4x-0.5x: one map shared by every parameter
+    assert len(maps) == 2
+    assert sum(any(t is m for m in maps) for t in tensors) == len({id(m) for m in maps})  # each map copied once
+
+
 def test_a_resumed_state_gets_new_snapshot_buffers(on_cpu):
     model = _model()
     opt = _optimizer("AdamW", model.parameters())

@@ -77,10 +77,18 @@ class StepRestore:
         return self._ready
 
     def _tensors(self) -> list[torch.Tensor]:
+        """The parameters and their state tensors, each once: bitsandbytes shares one quantisation map between all
+        parameters, and a restore pass is one kernel launch per tensor."""
         state = self._opt.state
         params = _trainable(self._opt)
-        return params + [v for p in params for v in state[p].values()
-                         if isinstance(v, torch.Tensor) and v.device == p.device]
+        seen: set[int] = set()
+        out: list[torch.Tensor] = []
+        for t in params + [v for p in params for v in state[p].values()
+                           if isinstance(v, torch.Tensor) and v.device == p.device]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+        return out
 
     @torch.no_grad()
     def snapshot(self) -> None:
