@@ -145,16 +145,38 @@ def test_script_with_fused_backward_pass_saves_the_same_network(tmp_path, tiny_s
 
 def test_a_fused_torch_optimizer_skips_the_parameter_with_a_non_finite_gradient():
     """torch's fused AdamW (the CUDA default here) reads `found_inf`: the bad parameter keeps its weights, the
-    others step, and the run stops at the end of that backward."""
+    others step, and the backward's flag waits on the device for the loop (no read at the end of the backward)."""
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
     hooks = FusedBackward(opt, 0.0, device_skip=True).attach()
+    _loss(model, 1).backward()
+    assert float(hooks.take_flag()) == 0.0 and hooks.take_flag() is None
     before = [p.detach().clone() for p in model.parameters()]
-    model[0].weight.register_hook(lambda g: g * float("nan"))
-    with pytest.raises(UserError, match="non-finite gradient skipped their step"):
-        _loss(model, 0).backward()
+    handle = model[0].weight.register_hook(lambda g: g * float("nan"))
+    _loss(model, 0).backward()  # no error here: the loop reads the flag with the step's loss
     after = list(model.parameters())
     assert torch.equal(after[0], before[0])  # skipped on the device
     assert all(not torch.equal(a, b) for a, b in zip(after[1:], before[1:]))  # the others stepped
     assert not hasattr(opt, "found_inf")
+    assert float(hooks.take_flag()) == 1.0
+    handle.remove()
     hooks.remove()
+
+
+def test_script_stops_at_the_next_read_after_a_skipped_fused_backward_step(tmp_path, tiny_sdxl_file, shapes_dataset,
+                                                                         monkeypatch):
+    """Through sdxl_train_network.py: --fused_backward_pass with fused AdamW and a NaN gradient at step 2. The run
+    stops at the loss read (the end here) with the step named; steps 1 and 3 are logged."""
+    import json
+
+    import sdxl_train_network
+    from test_noise_and_optim import nan_gradient_at_step_2
+
+    nan_gradient_at_step_2(monkeypatch)
+    cfg = run_toml(tmp_path, tiny_sdxl_file, shapes_dataset["config"], max_train_steps=3, max_grad_norm=0.0,
+                   network_train_unet_only=True, optimizer_args=["fused=True"], fused_backward_pass=True)
+    with pytest.raises(UserError, match=r"not finite at step 2 \(epoch 1\): with --fused_backward_pass, the "
+                                        r"parameters whose gradient was not finite skipped that step"):
+        sdxl_train_network.main(["--config_file", cfg])
+    logged = [json.loads(line)["step"] for line in (tmp_path / "run_loss.jsonl").read_text().splitlines()]
+    assert logged == [1, 3]

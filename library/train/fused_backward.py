@@ -13,10 +13,12 @@ clip / `optimizer.step()` / `zero_grad()` after the backward then find no gradie
 Where the per-parameter step cannot be exact, the run trains with the usual step after the backward and says so
 once: fp16 loss scaling (the scaler must see every gradient before any step) and several processes (gradients are
 averaged across processes after the backward). A non-finite gradient is detected without a device sync per
-parameter: a flag on the device collects it and is read once at the end of the backward, which then stops the run.
-Optimizers that skip a step on the device from a `found_inf` tensor (torch's fused AdamW, the default on CUDA; see
-library/train/readback.py) get each parameter's flag, so a non-finite gradient never reaches its weights; with the
-others the parameters step before the flag is read.
+parameter: a flag on the device collects it. Optimizers that skip a step on the device from a `found_inf` tensor
+(torch's fused AdamW, the default on CUDA; see library/train/readback.py) get each parameter's flag, so a non-finite
+gradient never reaches its weights, and the backward's flag is not read there: it waits with the step's loss, and the
+run stops at the next loss read, as without the flag. With the others the parameters step before the flag can be
+known, so it is read once at the end of each backward, which then stops the run. (The snapshot that lets the usual
+step undo a bad step for them, library/train/step_restore.py, would cost more memory than this flag saves.)
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ class FusedBackward:
     handles: list[Any] = field(default_factory=list)
     nonfinite: torch.Tensor | None = None  # device flag, set by any non-finite gradient of the current backward
     device_skip: bool = False  # the optimizer reads `found_inf` (torch's fused Adam/AdamW/SGD)
+    step_flag: torch.Tensor | None = None  # device_skip: the last backward's flag, for the loop to read later
     _callback_queued: bool = False
 
     def attach(self) -> FusedBackward:
@@ -101,12 +104,20 @@ class FusedBackward:
 
     def _after_backward(self) -> None:
         flag, self.nonfinite, self._callback_queued = self.nonfinite, None, False
-        if flag is not None and bool(flag):  # the one read-back per backward
-            what = ("the parameters with a non-finite gradient skipped their step (on the device), the others "
-                    "stepped" if self.device_skip else
-                    "the parameters have already stepped on it, so the network is damaged from this step on")
-            raise UserError(f"the gradient is not finite: with --fused_backward_pass {what}. Lower the learning rate, "
+        if flag is None:
+            return
+        if self.device_skip:  # no read here: the flag waits with the step's loss and the loop stops at its read
+            self.step_flag = flag.float() if self.step_flag is None else torch.maximum(self.step_flag, flag.float())
+            return
+        if bool(flag):  # the one read-back per backward
+            raise UserError("the gradient is not finite: with --fused_backward_pass the parameters have already "
+                            "stepped on it, so the network is damaged from this step on. Lower the learning rate, "
                             "use bf16 instead of fp16, and resume from the last --save_state folder")
+
+    def take_flag(self) -> torch.Tensor | None:
+        """The device flag of the backward passes since the last call (device_skip only), and forget it."""
+        flag, self.step_flag = self.step_flag, None
+        return flag
 
 
 def step_one(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: torch.Tensor) -> None:

@@ -159,9 +159,9 @@ def build_session(cfg: RunConfig) -> Session:
     for d in datasets:  # token warm-up counts steps against the whole run
         d.set_progress(0, total_steps)
     optimizer = accelerator.prepare(optimizer)
-    attach_fused_backward(optimizer, cfg, accelerator)  # --fused_backward_pass: steps inside the backward pass
+    fused = attach_fused_backward(optimizer, cfg, accelerator)  # --fused_backward_pass: steps inside the backward
     return Session(cfg, family, accelerator, models, network, datasets, optimizer, scheduler, text_cache,
-                   weight_dtype, total_steps, batches_per_epoch, sharded)
+                   weight_dtype, total_steps, batches_per_epoch, sharded, fused)
 
 
 class Trainer:
@@ -178,7 +178,8 @@ class Trainer:
         # losses stay on the device until read in groups; the NaN guard skips on the device where it can
         # (library/train/readback.py)
         self._pending = PendingLosses()
-        self._guard = NonFiniteGuard(session.optimizer, getattr(session.accelerator, "scaler", None) is not None)
+        self._guard = NonFiniteGuard(session.optimizer, getattr(session.accelerator, "scaler", None) is not None,
+                                     session.fused_backward)
         self._step_flag: torch.Tensor | None = None
         self._loss_log: TextIO | None = None  # --loss_log_file, written by _read_losses
         # the next batch loads while this one trains; not under caption token warm-up, whose captions depend on
@@ -299,10 +300,11 @@ class Trainer:
             self._bar.set_postfix(loss=f"{value:.4f}", lr=f"{last.lr:.2e}")
         if skipped:
             first = skipped[0]
+            what = ("with --fused_backward_pass, the parameters whose gradient was not finite skipped that step and "
+                    "the others stepped" if self.s.fused_backward is not None else "that optimizer step was skipped")
             raise UserError(f"the loss or the gradient is not finite at step {first.step} (epoch {first.epoch + 1}): "
-                            "that optimizer step was skipped, and training stopped. Lower the learning rate, use "
-                            "bf16 instead of fp16, or drop experimental low-VRAM flags; resume from the last "
-                            "--save_state folder")
+                            f"{what}, and training stopped. Lower the learning rate, use bf16 instead of fp16, or "
+                            "drop experimental low-VRAM flags; resume from the last --save_state folder")
 
     def _check_gradients(self) -> None:
         """A finite loss can still back-propagate NaN or inf (an overflow in one layer's backward): one optimizer

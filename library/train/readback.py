@@ -107,24 +107,32 @@ def nonfinite_flag(loss: torch.Tensor | None, grads: list[torch.Tensor]) -> torc
 class NonFiniteGuard:
     """Stops training before an optimizer step on a non-finite loss or gradient (see the module docstring)."""
 
-    def __init__(self, optimizer: Any, scaler_active: bool):
+    def __init__(self, optimizer: Any, scaler_active: bool, fused_backward: Any = None):
+        """`fused_backward` (--fused_backward_pass, library/train/fused_backward.py): the parameters have stepped in
+        the backward pass, which checked their gradients; this guard then only adds the loss to its flag."""
         from library.train.step_restore import StepRestore, supports_device_restore
 
         self._inner = getattr(optimizer, "optimizer", optimizer)
-        self._found_inf = not scaler_active and supports_device_skip(optimizer)
-        self._restore = (StepRestore(self._inner) if not scaler_active and not self._found_inf
-                         and supports_device_restore(optimizer) else None)
+        self._fused_backward = fused_backward
+        self._found_inf = fused_backward is None and not scaler_active and supports_device_skip(optimizer)
+        self._restore = (StepRestore(self._inner) if fused_backward is None and not scaler_active
+                         and not self._found_inf and supports_device_restore(optimizer) else None)
         self._armed: torch.Tensor | None = None
 
     @property
     def deferred(self) -> bool:
         """Whether this step's check stays on the device (the flag is read with the step's loss)."""
+        if self._fused_backward is not None:
+            return bool(self._fused_backward.device_skip)
         return self._found_inf or (self._restore is not None and self._restore.ready())
 
     def arm(self, loss: torch.Tensor | None, params: list[torch.nn.Parameter]) -> torch.Tensor:
         """Deferred mode, before the step: the flag of this step, handed to the optimizer so that it skips the step
         (fused optimizers), or kept to undo the step after it (the others: a snapshot is taken now)."""
         flag = nonfinite_flag(loss, [p.grad for p in params if p.grad is not None])
+        if self._fused_backward is not None:
+            in_backward = self._fused_backward.take_flag()
+            return flag if in_backward is None else torch.maximum(flag, in_backward.to(flag.device).float())
         if self._found_inf:
             self._inner.found_inf = flag
         elif self._restore is not None:

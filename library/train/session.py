@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
     from library.cache.text_outputs import TextOutputCache
     from library.data.dataset import TrainDataset
+    from library.train.fused_backward import FusedBackward
     from library.train.network_adapter import TrainNetwork
 
 
@@ -45,3 +46,4 @@ class Session:
     total_steps: int
     batches_per_epoch: int
     sharded: bool = False  # the base model is FSDP-sharded: every process takes part in each forward
+    fused_backward: FusedBackward | None = None  # --fused_backward_pass: the optimizer steps inside the backward
