@@ -57,7 +57,7 @@ class RunConfig:
     dataset: DatasetFlags = field(default_factory=DatasetFlags)
     environment: EnvironmentConfig = field(default_factory=EnvironmentConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # DDP / DeepSpeed flags
-    hub: HubConfig = field(default_factory=HubConfig)  # accepted, nothing is uploaded (library/config/hub_flags.py)
+    hub: HubConfig = field(default_factory=HubConfig)  # uploads and --resume downloads (library/train/hub_upload.py)
     family: str = "sdxl"
     network_kind: str = "lora"  # "lora" (a network_module) or "lllite"
     raw_args: dict[str, Any] = field(default_factory=dict)  # for ss_* metadata and --output_config

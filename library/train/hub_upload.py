@@ -18,9 +18,12 @@ import os
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from library.errors import UserError
+
+if TYPE_CHECKING:
+    from library.config.hub_flags import HubConfig
 
 
 def _endpoint() -> str | None:
@@ -62,9 +65,9 @@ class HubTarget:
     save_state: bool = False
 
     @classmethod
-    def from_config(cls, hub: Any) -> HubTarget | None:
+    def from_config(cls, hub: HubConfig) -> HubTarget | None:
         """None without --huggingface_repo_id (nothing is uploaded, as in sd-scripts)."""
-        if not getattr(hub, "huggingface_repo_id", None):
+        if not hub.huggingface_repo_id:
             return None
         return cls(repo_id=hub.huggingface_repo_id, repo_type=hub.huggingface_repo_type or None,
                    path_in_repo=hub.huggingface_path_in_repo, token=hub.huggingface_token,
